@@ -1,0 +1,22 @@
+"""sparsec: make pretrained neural networks sparse, accurate and fast.
+
+The three ways in: :func:`sparsec.compile` (Python), the ``sparsec`` command (pipeline text),
+and saved artifacts (:func:`sparsec.save` / :func:`sparsec.load`).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The API pulls in torch, transformers and numba; import it on first use so that
+    # `import sparsec.formats` or the CLI's argument parsing stay fast.
+    if name in ("compile", "save", "load", "CompiledModule", "CompileReport"):
+        from sparsec import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'sparsec' has no attribute {name!r}")
+
+
+__all__ = ["compile", "save", "load", "CompiledModule", "CompileReport", "__version__"]

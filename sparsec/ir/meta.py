@@ -1,0 +1,53 @@
+"""The ``node.meta`` keys sparsec passes read and write, documented in one place.
+
+Every key sparsec owns starts with ``"sparsec."`` so it never collides with torch.fx's or
+torch.export's own keys (``val``, ``nn_module_stack``, ``stack_trace``...). A pass may only
+write the keys listed here; adding a key means adding it here first, with its contract.
+
+Invariants every pass keeps (checked by :func:`sparsec.ir.verify.verify_graph` where cheap):
+
+1. A node carrying :data:`LAYER` is a weighted op (linear, GPT-2 style transposed ``addmm``,
+   convolution) whose weight is reachable from a ``get_attr`` node; the layer's ``fqn`` names the
+   weight parameter in ``gm.named_parameters()``.
+2. If a node carries :data:`MASK`, the weight parameter holds exact zeros wherever the mask is
+   zero, and the graph multiplies the weight by the mask buffer before use, so optimizer steps
+   can never revive a pruned weight.
+3. Passes never remove :data:`LAYER` from a node they did not create; they only refine it.
+4. After any pass the GraphModule is recompiled and still computes the model's function (up to
+   the changes the pass exists to make: pruning, quantization).
+"""
+
+from __future__ import annotations
+
+#: :class:`sparsec.ir.layers.WeightedLayer` describing the weighted op this node computes.
+LAYER = "sparsec.layer"
+
+#: name of the mask buffer on the GraphModule (a ``torch.bool``-valued float tensor of the weight's
+#: shape, 1 = kept). Written by the mask-insertion machinery (``passes/masks.py``).
+MASK = "sparsec.mask"
+
+#: ``{"criterion": str, "sparsity": float, "target": float | None, ...}``: how the mask was chosen.
+PRUNE = "sparsec.prune"
+
+#: ``{"bits": int, "group": int | None, "method": str}``: quantization applied to this layer's weight.
+QUANT = "sparsec.quant"
+
+#: ``{"format": str, "value_type": str, "estimates": {candidate: cost}, "reason": str}``: the
+#: storage format chosen for this layer by ``select-format``.
+FORMAT = "sparsec.format"
+
+#: ``{"bias": bool, "activation": str | None, "swiglu_partner": str | None}``: epilogue fused into
+#: this layer's kernel by the fusion passes.
+FUSION = "sparsec.fusion"
+
+#: ``{"target": "cpu" | "cuda", "format": str, "value_type": str}``: set by ``lower-cpu`` /
+#: ``lower-cuda``; the runtime replaces every node carrying it with a kernel call.
+LOWERING = "sparsec.lowering"
+
+#: ``int``: index of the repeated block (decoder layer) whose output this node is, for taps.
+BLOCK_OUTPUT = "sparsec.block_output"
+
+#: ``str``: why this node is an opaque call (a part of the model that could not be traced).
+OPAQUE = "sparsec.opaque"
+
+ALL_KEYS = (LAYER, MASK, PRUNE, QUANT, FORMAT, FUSION, LOWERING, BLOCK_OUTPUT, OPAQUE)
