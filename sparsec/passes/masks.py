@@ -1,0 +1,184 @@
+"""Mask machinery shared by every pruning pass: choosing layers, and attaching masks to them.
+
+A mask lives in three places that agree (``sparsec/ir/meta.py``, invariant 2):
+
+* a float buffer of the weight's shape on the GraphModule (1 = kept, 0 = pruned), named after
+  the weight (``model.layers.0.mlp.up_proj.weight`` -> ``model_layers_0_mlp_up_proj_weight_mask``);
+* a ``mul`` node in the graph, ``weight * mask``, feeding the weighted op, so gradients of
+  pruned weights are exactly zero and no optimizer step (AdamW with weight decay included) can
+  revive them;
+* the weight itself, zeroed where the mask is zero.
+
+Pruning criteria compute masks on the ``[out, in]`` matrix view and call :func:`apply_mask`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+
+import torch
+import torch.fx as fx
+
+from sparsec.ir import meta
+from sparsec.ir.layers import MASK_INPUT, WeightedLayer, find_layers, weight_source
+
+#: layers no pruning pass touches unless asked: embeddings (not a weighted op here anyway) and
+#: the output projection, whose pruning costs far more accuracy than it saves bytes.
+DEFAULT_IGNORE = "lm_head,*embed*"
+
+
+class LayerSelectionError(ValueError):
+    """Layer patterns that match nothing, or options that contradict the chosen layers."""
+
+
+def split_patterns(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    # A bare name matches the layer itself or, as a suffix, any layer ending in it
+    # (`q_proj` selects every `...self_attn.q_proj`).
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
+
+
+def select_layers(gm: fx.GraphModule, layers: str | None = None, ignore: str | None = DEFAULT_IGNORE,
+                  kinds: str = "linear,addmm_t,conv") -> list[WeightedLayer]:
+    """The weighted layers chosen by comma-separated glob ``layers`` (all when empty), minus
+    ``ignore`` patterns, restricted to op ``kinds``. Every include pattern must match a layer."""
+    allowed = set(split_patterns(kinds))
+    unknown = allowed - {"linear", "addmm_t", "conv"}
+    if unknown:
+        raise LayerSelectionError(f"unknown layer kind(s) {sorted(unknown)}; use linear, addmm_t or conv")
+    found = [layer for layer in find_layers(gm) if layer.kind in allowed]
+    include = split_patterns(layers)
+    for pattern in include:
+        if not any(_matches(layer.name, pattern) for layer in found):
+            example = found[0].name if found else "(the model has no weighted layers)"
+            raise LayerSelectionError(f"layer pattern {pattern!r} matches no layer; names look like {example!r}")
+    chosen = [layer for layer in found if not include or any(_matches(layer.name, p) for p in include)]
+    skip = split_patterns(ignore)
+    chosen = [layer for layer in chosen if not any(_matches(layer.name, p) for p in skip)]
+    seen: set[str] = set()
+    unique = []
+    for layer in chosen:  # a tied weight is pruned once
+        if layer.weight not in seen:
+            seen.add(layer.weight)
+            unique.append(layer)
+    return unique
+
+
+def parse_overrides(text: str | None) -> list[tuple[str, float]]:
+    """``"*.q_proj=0.6;down_proj=0.4"`` -> ``[("*.q_proj", 0.6), ("down_proj", 0.4)]``."""
+    out = []
+    for item in (text or "").replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        pattern, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out.append((pattern.strip(), float(value)))
+        except ValueError:
+            raise LayerSelectionError(
+                f"bad override {item!r}; write PATTERN=SPARSITY pairs, e.g. \"q_proj=0.6;down_proj=0.4\""
+            ) from None
+    return out
+
+
+def layer_targets(layers: list[WeightedLayer], default: float, overrides: str | None) -> dict[str, float]:
+    """Per-layer sparsity target: the last matching override wins, else ``default``."""
+    rules = parse_overrides(overrides)
+    for pattern, value in rules:
+        check_sparsity(value, f"override {pattern!r}")
+        if not any(_matches(layer.name, pattern) for layer in layers):
+            raise LayerSelectionError(f"override pattern {pattern!r} matches no selected layer")
+    targets = {}
+    for layer in layers:
+        target = default
+        for pattern, value in rules:
+            if _matches(layer.name, pattern):
+                target = value
+        targets[layer.name] = target
+    return targets
+
+
+def check_sparsity(value: float, option: str = "sparsity") -> None:
+    if not (0.0 <= value < 1.0):
+        raise LayerSelectionError(f"{option} must be in [0, 1), got {value}")
+
+
+def check_finite(gm: fx.GraphModule, layers: list[WeightedLayer]) -> None:
+    """Refuse NaN/Inf weights before anything is changed, naming the first bad layer."""
+    for layer in layers:
+        w = gm.get_parameter(layer.weight)
+        if not torch.isfinite(w).all():
+            bad = (~torch.isfinite(w)).sum().item()
+            raise LayerSelectionError(f"layer {layer.name!r} has {bad} NaN/Inf weight(s); "
+                                      f"fix or exclude it (ignore=...) before pruning")
+
+
+def mask_buffer_name(layer: WeightedLayer) -> str:
+    return layer.weight.replace(".", "_") + "_mask"
+
+
+def current_mask(gm: fx.GraphModule, layer: WeightedLayer) -> torch.Tensor | None:
+    """The layer's mask as an ``[out, in]`` bool matrix, or None when it has none."""
+    name = mask_buffer_name(layer)
+    if name not in dict(gm.named_buffers()):
+        return None
+    return layer.as_matrix(gm.get_buffer(name)) != 0
+
+
+def apply_mask(gm: fx.GraphModule, layer: WeightedLayer, keep: torch.Tensor) -> None:
+    """Attach ``keep`` (bool ``[out, in]`` matrix, True = kept) to ``layer``: zero the weight,
+    store the mask buffer, and make sure every op using the weight multiplies it by the mask."""
+    weight = gm.get_parameter(layer.weight)
+    if tuple(keep.shape) != layer.shape:
+        raise ValueError(f"mask shape {tuple(keep.shape)} != layer {layer.name} shape {layer.shape}")
+    mask = layer.to_param_layout(keep.to(weight.dtype), weight.shape).to(weight.device)
+    with torch.no_grad():
+        weight.mul_(mask)
+    name = mask_buffer_name(layer)
+    if name in dict(gm.named_buffers()):
+        gm.get_buffer(name).copy_(mask)
+    else:
+        gm.register_buffer(name, mask)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if meta.LAYER not in node.meta or node.meta[meta.LAYER].weight != layer.weight:
+            continue
+        position = 2 if layer.kind == "addmm_t" else 1
+        src = node.args[position]
+        if isinstance(src, fx.Node) and MASK_INPUT in src.meta:
+            node.meta[meta.MASK] = name
+            continue
+        wnode = weight_source(node, position)
+        with graph.inserting_before(node):
+            mnode = graph.get_attr(name)
+            mul = graph.call_function(operator.mul, (wnode, mnode))
+        mul.meta[MASK_INPUT] = True
+        args = list(node.args)
+        args[position] = mul
+        node.args = tuple(args)
+        node.meta[meta.MASK] = name
+    gm.recompile()
+
+
+def masked_fraction(gm: fx.GraphModule, layer: WeightedLayer) -> float:
+    """Fraction of exact zeros in the layer's weight (its achieved sparsity)."""
+    w = gm.get_parameter(layer.weight)
+    return float((w == 0).sum().item()) / max(1, w.numel())
+
+
+def topk_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the ``numel - round(sparsity * numel)`` highest scores, selected by index so ties
+    (quantized weights repeat values) never prune more or fewer than asked."""
+    n = scores.numel()
+    k_prune = int(round(sparsity * n))
+    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+    if k_prune > 0:
+        idx = torch.argsort(scores.reshape(-1).float(), stable=True)[:k_prune]
+        keep[idx] = False
+    return keep.reshape(scores.shape)
