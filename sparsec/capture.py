@@ -194,6 +194,10 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, hf: bool) -> Capture:
         return None
 
     dynamic = {"args": tuple(dyn(a) for a in args), "kwargs": {k: dyn(v) for k, v in kwargs.items()}}
+    # torch.export specializes any dimension of size 1, so a batch-1 example would yield a graph
+    # that only accepts batch 1: trace on the example repeated to size 2 along dynamic dimensions.
+    args = tuple(_widen(a, d) for a, d in zip(args, dynamic["args"]))
+    kwargs = {k: _widen(v, dynamic["kwargs"][k]) for k, v in kwargs.items()}
     was_training = model.training
     model.eval()
     try:
@@ -206,6 +210,15 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, hf: bool) -> Capture:
     gm = ep.module()
     names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
     return Capture(gm, "export", args, kwargs, constant_kwargs=constants, input_names=names, notes=notes)
+
+
+def _widen(value: Any, dims: dict | None) -> Any:
+    if not isinstance(value, torch.Tensor) or not dims:
+        return value
+    for dim in dims:
+        if value.shape[dim] == 1:
+            value = torch.cat([value, value], dim=dim)
+    return value
 
 
 def _dynamic_for_signature(model: nn.Module, dynamic: dict) -> Any:

@@ -51,3 +51,9 @@ BLOCK_OUTPUT = "sparsec.block_output"
 OPAQUE = "sparsec.opaque"
 
 ALL_KEYS = (LAYER, MASK, PRUNE, QUANT, FORMAT, FUSION, LOWERING, BLOCK_OUTPUT, OPAQUE)
+
+#: :class:`sparsec.formats.base.PackedWeight`: the weight packed by ``lower-cpu``/``lower-cuda``
+#: in the format recorded under :data:`LOWERING`, ready for a kernel to read.
+PACKED = "sparsec.packed"
+
+ALL_KEYS = (*ALL_KEYS, PACKED)

@@ -28,9 +28,10 @@ import difflib
 import time
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -70,7 +71,7 @@ class Pass:
     def validate(self) -> None:
         """Raise :class:`PassOptionError` for impossible option values. Called on construction."""
 
-    def run(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
     # -- options ---------------------------------------------------------------------------
@@ -227,13 +228,13 @@ def make_pass(name: str, **options: Any) -> Pass:
 class PassInstrument:
     """Hooks called around every pass. Override what you need."""
 
-    def on_pipeline_start(self, passes: list[Pass], gm: fx.GraphModule, ctx: "PassContext") -> None:
+    def on_pipeline_start(self, passes: list[Pass], gm: fx.GraphModule, ctx: PassContext) -> None:
         pass
 
-    def before_pass(self, p: Pass, index: int, gm: fx.GraphModule, ctx: "PassContext") -> None:
+    def before_pass(self, p: Pass, index: int, gm: fx.GraphModule, ctx: PassContext) -> None:
         pass
 
-    def after_pass(self, p: Pass, index: int, result: PassResult, ctx: "PassContext") -> None:
+    def after_pass(self, p: Pass, index: int, result: PassResult, ctx: PassContext) -> None:
         pass
 
 

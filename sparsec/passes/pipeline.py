@@ -20,8 +20,8 @@ Round trip: ``Pipeline.parse(text).to_text() == text`` for canonical text (no sp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from sparsec.passes.base import (
     Pass,
@@ -79,7 +79,7 @@ class Pipeline:
     passes: list[Pass]
 
     @classmethod
-    def parse(cls, text: str) -> "Pipeline":
+    def parse(cls, text: str) -> Pipeline:
         """Parse pipeline text; raises :class:`PipelineSyntaxError` pointing at the bad column."""
         return cls(_Parser(text).parse())
 

@@ -1,0 +1,183 @@
+"""``sparsec.compile``: capture, run the pass pipeline, lower, wrap. Thin by design.
+
+    >>> compiled = sparsec.compile(model, (x,), pipeline="prune-magnitude{sparsity=0.5}")
+    >>> y = compiled(x)
+    >>> print(compiled.report.table())
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sparsec.capture import Capture, OpaquePart, capture
+from sparsec.passes import (
+    NumericCheck,
+    Pass,
+    PassContext,
+    PassTiming,
+    Pipeline,
+    run_passes,
+)
+from sparsec.passes.base import max_relative_error
+from sparsec.runtime.compiled import CompiledModule, LayerRecord, build_compiled, kernel_builder
+
+TARGETS = ("cpu", "cuda")
+
+
+class CompileError(ValueError):
+    """Impossible compile options (unknown target, a pipeline lowering for another target...)."""
+
+
+@dataclass
+class CompileReport:
+    """What a compile did: per layer its sparsity, format, bytes and kernel error; the model's
+    output error against eager PyTorch; what capture could not see; how long each step took."""
+
+    pipeline: str
+    target: str
+    capture_method: str
+    layers: list[LayerRecord]
+    #: compiled output vs eager PyTorch running the same (pruned, quantized) weights.
+    max_rel_error: float
+    #: compiled output vs the original dense model (includes the effect of pruning).
+    max_rel_error_vs_original: float
+    opaque: list[OpaquePart] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pass_seconds: list[tuple[str, float]] = field(default_factory=list)
+    capture_seconds: float = 0.0
+    kernel_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(layer.dense_bytes for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["nbytes"], out["dense_bytes"] = self.nbytes, self.dense_bytes
+        return out
+
+    def table(self) -> str:
+        """The per-layer table the CLI prints, then the totals and what capture left opaque."""
+        name_w = max([len(r.name) for r in self.layers] + [5])
+        head = (f"{'layer':<{name_w}}  {'shape':>11}  {'sparsity':>8}  {'format':<8} {'values':<6} "
+                f"{'bytes':>10}  {'x dense':>7}  {'max rel err':>11}")
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            err = "-" if r.max_rel_error is None else f"{r.max_rel_error:.2e}"
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            ratio = r.dense_bytes / max(1, r.nbytes)
+            lines.append(f"{r.name:<{name_w}}  {shape:>11}  {r.sparsity:8.1%}  {r.format:<8} {r.value_type:<6} "
+                         f"{r.nbytes:>10,}  {ratio:6.2f}x  {err:>11}")
+        ratio = self.dense_bytes / max(1, self.nbytes)
+        lines.append("-" * len(head))
+        lines.append(f"{len(self.layers)} layers, {self.nbytes:,} bytes ({ratio:.2f}x fewer than dense fp32); "
+                     f"output max rel error {self.max_rel_error:.2e} vs eager on the same weights, "
+                     f"{self.max_rel_error_vs_original:.2e} vs the original model")
+        lines.append(f"capture {self.capture_method} {self.capture_seconds:.1f}s, passes "
+                     f"{sum(s for _, s in self.pass_seconds):.1f}s, kernels {self.kernel_seconds:.1f}s, "
+                     f"total {self.total_seconds:.1f}s")
+        for part in self.opaque:
+            lines.append(f"opaque: {part.name} ({part.module_type}) kept as a call, its weights untouched: {part.reason}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def resolve_pipeline(pipeline: str | Pipeline | list[Pass], target: str) -> tuple[Pipeline, list[str]]:
+    """Parse the pipeline and make sure it ends by lowering for ``target`` (appended if absent)."""
+    if isinstance(pipeline, Pipeline):
+        pipe = Pipeline(list(pipeline.passes))
+    elif isinstance(pipeline, (list, tuple)):
+        pipe = Pipeline(list(pipeline))
+    elif isinstance(pipeline, str):
+        pipe = Pipeline.parse(pipeline)
+    else:
+        raise CompileError(f"pipeline must be text, a Pipeline or a list of passes, not {type(pipeline).__name__}")
+    notes = []
+    lowerings = [p for p in pipe.passes if p.name.startswith("lower-")]
+    wanted = f"lower-{target}"
+    if any(p.name != wanted for p in lowerings):
+        other = next(p.name for p in lowerings if p.name != wanted)
+        raise CompileError(f"the pipeline lowers with {other} but target={target!r}; use {wanted} or change target")
+    if not lowerings:
+        from sparsec.passes import make_pass
+
+        pipe.passes.append(make_pass(wanted))
+        notes.append(f"appended {wanted} (the pipeline had no lowering pass)")
+    elif pipe.passes[-1].name != wanted:
+        raise CompileError(f"{wanted} must be the last pass of the pipeline")
+    return pipe, notes
+
+
+def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | list[Pass] = "lower-cpu",
+            target: str = "cpu", *, calibration: list | None = None, instruments: list | None = None,
+            capture_method: str = "auto", progress: bool = False) -> CompiledModule:
+    """Compile ``model`` through ``pipeline`` for ``target``; returns a :class:`CompiledModule`
+    whose ``report`` is a :class:`CompileReport`.
+
+    ``example_inputs``: a tensor, a tuple of args, a dict of keyword inputs, or ``(args, kwargs)``.
+    ``calibration``: inputs in the same form, for data-driven passes (SparseGPT, Wanda, GPTQ).
+    The user's ``model`` is never modified: sparsec compiles a copy.
+    """
+    t_start = time.perf_counter()
+    if target not in TARGETS:
+        raise CompileError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    pipe, notes = resolve_pipeline(pipeline, target)
+    kernel_builder(target)  # fail now, in one sentence, if the target cannot run here
+    from sparsec.capture import normalize_inputs
+
+    work = copy.deepcopy(model).eval()
+    t0 = time.perf_counter()
+    cap: Capture = capture(work, example_inputs, method=capture_method)
+    capture_seconds = time.perf_counter() - t0
+    inputs = (cap.example_args, {**cap.example_kwargs})
+    with torch.no_grad():
+        original = model(*normalize_inputs(example_inputs)[0], **normalize_inputs(example_inputs)[1])
+    timing = PassTiming()
+    ctx = PassContext(target=target, example_inputs=inputs,
+                      calibration=[normalize_inputs(c) for c in calibration] if calibration else None,
+                      instruments=[timing, *(instruments or [])], progress=progress)
+    for inst in ctx.instruments:
+        if isinstance(inst, NumericCheck) and inst.reference is None:
+            inst.reference = original
+    gm, _ = run_passes(cap.graph_module, list(pipe.passes), ctx)
+    with torch.no_grad():
+        eager = gm(*inputs[0], **inputs[1])
+    built = build_compiled(gm, target, verify_inputs=inputs, progress=progress)
+    compiled = CompiledModule(built.graph_module, method=cap.method, input_names=cap.input_names,
+                              constant_kwargs=cap.constant_kwargs, target=target, pipeline=pipe.to_text())
+    with torch.no_grad():
+        out = built.graph_module(*inputs[0], **inputs[1])
+    compiled.report = CompileReport(
+        pipeline=pipe.to_text(), target=target, capture_method=cap.method, layers=built.layers,
+        max_rel_error=max_relative_error(out, eager),
+        max_rel_error_vs_original=max_relative_error(out, original),
+        opaque=cap.opaque, notes=[*cap.notes, *notes], pass_seconds=timing.timings,
+        capture_seconds=capture_seconds, kernel_seconds=built.kernel_seconds,
+        total_seconds=time.perf_counter() - t_start,
+    )
+    return compiled
+
+
+def save(compiled: CompiledModule, path: str) -> None:
+    """Write ``compiled`` as an artifact directory (see ``sparsec/runtime/artifact.py``)."""
+    from sparsec.runtime.artifact import save_artifact
+
+    save_artifact(compiled, path)
+
+
+def load(path: str) -> Any:
+    """Read an artifact written by :func:`save` (see ``sparsec/runtime/artifact.py``)."""
+    from sparsec.runtime.artifact import load_artifact
+
+    return load_artifact(path)

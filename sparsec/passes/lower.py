@@ -1,0 +1,105 @@
+"""``lower-cpu`` / ``lower-cuda``: pack every weighted linear op for its kernel.
+
+Lowering is the last pass of a pipeline. For each linear (and GPT-2 style transposed ``addmm``)
+op it decides the storage format and value type, packs the effective weight (``weight * mask``,
+already dequantized by a quantization pass if one ran) with ``sparsec.formats``, and records
+``meta.LOWERING`` and ``meta.PACKED`` on the node. The graph itself is unchanged: the runtime
+replaces every lowered node with a call of its kernel (passes never import the runtime).
+
+Format and value type come from ``select-format`` (``meta.FORMAT``) and ``quantize``
+(``meta.QUANT``) when those ran; otherwise a masked layer is stored as a bitmask and an unmasked
+one stays dense, with the values in ``value_type`` (default fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+import torch.fx as fx
+
+from sparsec.formats import VALUE_TYPES, pack, registered_formats
+from sparsec.ir import meta
+from sparsec.passes.base import Pass, PassContext, PassOptionError, PassResult, register_pass
+
+
+class _Lower(Pass):
+    target: ClassVar[str] = ""
+    preserves_numerics: ClassVar[bool] = False  # value types may round (bf16, int8)
+
+    format: str = "auto"
+    value_type: str = "auto"
+    group: int = 128
+
+    def validate(self) -> None:
+        if self.format != "auto" and self.format not in registered_formats():
+            raise PassOptionError(f"{self.name}: unknown format {self.format!r}; "
+                                  f"use auto or one of {', '.join(registered_formats())}")
+        if self.value_type != "auto" and self.value_type not in VALUE_TYPES:
+            raise PassOptionError(f"{self.name}: unknown value_type {self.value_type!r}; "
+                                  f"use auto or one of {', '.join(VALUE_TYPES)}")
+        if self.group < 1:
+            raise PassOptionError(f"{self.name}: group must be positive, got {self.group}")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        lowered = 0
+        for node in gm.graph.nodes:
+            layer = node.meta.get(meta.LAYER)
+            if layer is None or layer.kind not in ("linear", "addmm_t"):
+                continue
+            fmt, vt, group = self._choose(node)
+            weight = layer.matrix(gm).detach()
+            if meta.MASK in node.meta:
+                weight = weight * layer.as_matrix(gm.get_buffer(node.meta[meta.MASK]))
+            options = {"group_size": group} if vt == "int4" else {}
+            packed = pack(weight.float().contiguous(), fmt, value_type=vt, **options)
+            node.meta[meta.LOWERING] = {"target": self.target, "format": fmt, "value_type": vt,
+                                        "group_size": group if vt == "int4" else None}
+            node.meta[meta.PACKED] = packed
+            lowered += 1
+        return PassResult(gm, modified=lowered > 0)
+
+    def _choose(self, node: fx.Node) -> tuple[str, str, int]:
+        decided = node.meta.get(meta.FORMAT, {})
+        quant = node.meta.get(meta.QUANT, {})
+        fmt = self.format if self.format != "auto" else decided.get(
+            "format", "bitmask" if meta.MASK in node.meta else "dense")
+        if self.value_type != "auto":
+            vt = self.value_type
+        elif "value_type" in decided:
+            vt = decided["value_type"]
+        elif quant.get("bits") == 8:
+            vt = "int8"
+        elif quant.get("bits") == 4:
+            vt = "int4"
+        else:
+            vt = "fp32"
+        group = int(quant.get("group") or self.group)
+        return fmt, vt, group
+
+
+@register_pass
+@dataclass
+class LowerCpu(_Lower):
+    """Pack each linear layer's weight for its CPU kernel (Numba/LLVM) and mark it for the runtime."""
+
+    name: ClassVar[str] = "lower-cpu"
+    target: ClassVar[str] = "cpu"
+    format: str = "auto"
+    value_type: str = "auto"
+    group: int = 128
+
+
+@register_pass
+@dataclass
+class LowerCuda(_Lower):
+    """Pack each linear layer's weight for its CUDA kernel (numba-cuda) and mark it for the runtime."""
+
+    name: ClassVar[str] = "lower-cuda"
+    target: ClassVar[str] = "cuda"
+    format: str = "auto"
+    value_type: str = "auto"
+    group: int = 128
+
+
