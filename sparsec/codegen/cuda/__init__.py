@@ -1,0 +1,123 @@
+"""The GPU path: sparse linear kernels written with numba-cuda.
+
+Public contract (what the runtime calls)::
+
+    ok, why = cuda_available()                  # never raises
+    k = build_linear_kernel(packed, bias=b, activation="silu")
+    y = k(x)                                    # x [..., cols] float32/float16 -> y [..., rows]
+
+``packed`` is a :class:`sparsec.formats.PackedWeight` in the ``bitmask`` format (fp32, bf16,
+fp16, int8 or int4 values) or the ``nm`` format; ``bias`` is ``None`` or ``[rows]`` (torch or
+NumPy, any float dtype; kept in float32); ``activation`` is ``None``, ``"relu"``, ``"gelu"``
+(erf), ``"gelu_tanh"`` or ``"silu"``, fused into the kernel's epilogue. Accumulation is float32
+whatever the input dtype.
+
+Without a GPU the kernels still run, slowly, under numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1`` set before numba is imported): that is how the tests check them.
+
+Importing this package imports nothing from numba; the CUDA target is imported on the first
+call that needs it (after the NumPy 2.5 shim in ``_compat``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sparsec.codegen.cuda.kernel import CudaLinearKernel
+    from sparsec.formats.base import PackedWeight
+
+__all__ = [
+    "ACTIVATION_NAMES",
+    "CudaLinearKernel",
+    "CudaUnavailableError",
+    "build_linear_kernel",
+    "cuda_available",
+]
+
+#: Activations the epilogue can fuse (``None``: none).
+ACTIVATION_NAMES: tuple[str, ...] = ("relu", "gelu", "gelu_tanh", "silu")
+
+#: Oldest GPU generation served: Volta (independent thread scheduling makes ``syncwarp`` exact).
+MIN_COMPUTE_CAPABILITY = (7, 0)
+
+
+class CudaUnavailableError(RuntimeError):
+    """The CUDA target was asked for but no usable GPU (or toolchain) is present."""
+
+
+def cuda_available() -> tuple[bool, str]:
+    """``(True, "")`` when CUDA kernels can run here, else ``(False, one-sentence reason)``.
+
+    Under the CUDA simulator this is ``(True, <a note that it is the simulator>)``. Never
+    raises: any failure while probing becomes the reason.
+    """
+    try:
+        from sparsec.codegen.cuda._compat import cuda_module, is_simulator
+
+        cuda = cuda_module()
+        if is_simulator():
+            return (
+                True,
+                "numba's CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1): kernels run as slow Python",
+            )
+    except Exception as exc:  # noqa: BLE001 - the probe must never raise
+        return False, f"numba's CUDA target could not be imported ({type(exc).__name__}: {exc})"
+    try:
+        if not cuda.is_available():
+            return False, "no CUDA driver or NVIDIA GPU is visible to numba-cuda"
+        dev = cuda.get_current_device()
+        cc = tuple(dev.compute_capability)
+        if cc < MIN_COMPUTE_CAPABILITY:
+            need = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+            return (
+                False,
+                f"the GPU {dev.name} has compute capability {cc[0]}.{cc[1]}; sparsec needs {need} or newer",
+            )
+    except Exception as exc:  # noqa: BLE001
+        return False, f"the CUDA driver failed to initialise ({type(exc).__name__}: {exc})"
+    try:
+        from numba.cuda.cudadrv import nvvm
+
+        if not nvvm.is_available():
+            return (
+                False,
+                "numba-cuda cannot find NVVM (libnvvm); install the CUDA toolkit or numba-cuda[cu12]",
+            )
+    except Exception as exc:  # noqa: BLE001
+        return False, f"numba-cuda cannot load NVVM (libnvvm) ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def build_linear_kernel(
+    packed: PackedWeight, bias: Any = None, activation: str | None = None
+) -> CudaLinearKernel:
+    """Copy ``packed`` (and ``bias``) to the GPU and return a kernel computing ``act(x @ W^T + bias)``.
+
+    Raises :class:`CudaUnavailableError` when there is no usable GPU (and no simulator),
+    ``ValueError``/``TypeError`` for an unsupported format, value type, activation or a bias of
+    the wrong shape. ``packed`` and ``bias`` are never modified. Kernels compile on first call.
+    """
+    if activation is not None and activation not in ACTIVATION_NAMES:
+        known = ", ".join(ACTIVATION_NAMES)
+        raise ValueError(
+            f"unknown activation {activation!r} for a CUDA linear kernel; choose None or one of {known}"
+        )
+    ok, why = cuda_available()
+    if not ok:
+        raise CudaUnavailableError(
+            f"target='cuda' needs an NVIDIA GPU with a working driver: none was found ({why}); "
+            "compile with target='cpu'"
+        )
+    from sparsec.codegen.cuda import build
+
+    return build.build(packed, bias, activation)
+
+
+def __getattr__(name: str):
+    # CudaLinearKernel lives with numba-cuda code; import it only when asked for.
+    if name == "CudaLinearKernel":
+        from sparsec.codegen.cuda.kernel import CudaLinearKernel
+
+        return CudaLinearKernel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,75 @@
+"""From a packed weight to a :class:`CudaLinearKernel`: per-format host preparation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsec.codegen.cuda import bitmask as bitmask_kernels
+from sparsec.codegen.cuda.kernel import CudaLinearKernel, KernelSpec
+from sparsec.formats.base import PackedWeight
+
+
+def _bias_array(bias: Any, rows: int) -> np.ndarray | None:
+    if bias is None:
+        return None
+    if isinstance(bias, torch.Tensor):
+        b = bias.detach().to("cpu", torch.float32).numpy()
+    else:
+        b = np.asarray(bias)
+        if b.dtype.kind not in "fiu":
+            raise TypeError(f"bias must be a float tensor or array, got dtype {b.dtype}")
+        b = b.astype(np.float32)
+    if b.shape != (rows,):
+        raise ValueError(
+            f"bias has shape {tuple(b.shape)} but the weight has {rows} rows; pass a [{rows}] bias"
+        )
+    if not np.isfinite(b).all():
+        raise ValueError("bias holds NaN or Inf values; fix the model before compiling")
+    return np.ascontiguousarray(b, dtype=np.float32).copy()
+
+
+def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool) -> KernelSpec:
+    a = packed.arrays()  # type: ignore[attr-defined]
+    arrays = bitmask_kernels.prepare_arrays(
+        a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
+    )
+    group_size = int(a.group_size) if a.value_type == "int4" else 1
+    key = ("bitmask", a.value_type, a.cols, activation, has_bias, group_size)
+
+    def make(bucket: int):
+        return bitmask_kernels.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size)
+
+    return KernelSpec(
+        format_name="bitmask",
+        value_type=a.value_type,
+        rows=a.rows,
+        cols=a.cols,
+        arrays=(arrays.mask, arrays.words, arrays.row_offsets, arrays.scales),
+        make=make,
+        rows_per_block=bitmask_kernels.WARPS_PER_BLOCK,
+        threads_per_block=32 * bitmask_kernels.WARPS_PER_BLOCK,
+        buckets=bitmask_kernels.BATCH_BUCKETS,
+        cache_key=key,
+    )
+
+
+_SPECS = {"bitmask": _bitmask_spec}
+
+
+def build(packed: PackedWeight, bias: Any, activation: str | None) -> CudaLinearKernel:
+    """See :func:`sparsec.codegen.cuda.build_linear_kernel` (which checks the GPU first)."""
+    if not isinstance(packed, PackedWeight):
+        raise TypeError(
+            f"expected a sparsec PackedWeight, got {type(packed).__name__}; pack the weight first"
+        )
+    name = getattr(packed, "format_name", None)
+    make_spec = _SPECS.get(name)
+    if make_spec is None:
+        known = ", ".join(sorted(_SPECS))
+        raise ValueError(f"no CUDA kernel for format {name!r}; the CUDA target supports: {known}")
+    bias_host = _bias_array(bias, packed.rows)
+    spec = make_spec(packed, activation, bias_host is not None)
+    return CudaLinearKernel(spec, bias_host, activation)

@@ -1,0 +1,177 @@
+"""``CudaLinearKernel``: one packed weight on the GPU, callable like a linear layer.
+
+The object owns the weight's device arrays (repacked once at build time) and a cache of
+compiled kernels, one per batch bucket (1, 2, 4, 8, 16), compiled on first use. Calling it
+takes ``x`` of shape ``[..., cols]`` and returns ``[..., rows]`` of the same kind and dtype:
+
+* on a GPU, ``x`` is a CUDA ``torch.Tensor`` (float32 or float16) on the device the weight was
+  built on; the kernel runs on torch's current stream of that device, so it is ordered with the
+  surrounding torch work, and no synchronisation is added;
+* under the CUDA simulator, ``x`` is a CPU ``torch.Tensor`` or a NumPy array.
+
+Batches above 16 rows run as consecutive launches of 16 (correct, but not the regime these
+kernels are for: at that size a dense GEMM is usually as fast).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsec.codegen.cuda.device import SIMULATOR, cuda
+
+_X_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+@dataclass
+class KernelSpec:
+    """What a format's module hands over to build a :class:`CudaLinearKernel`."""
+
+    format_name: str
+    value_type: str
+    rows: int
+    cols: int
+    #: Host arrays in kernel layout, passed after ``(y, x, m, rows)`` in this order.
+    arrays: tuple[np.ndarray, ...]
+    #: ``make(batch_bucket) -> @cuda.jit kernel`` with the epilogue already baked in.
+    make: Callable[[int], Any]
+    #: Rows per block and threads per block of every launch.
+    rows_per_block: int
+    threads_per_block: int
+    buckets: tuple[int, ...]
+    cache_key: tuple = field(default=())
+
+
+# Compiled kernels are shared by every layer with the same specialization (same format, value
+# type, cols, batch bucket, activation, ...): a model has few distinct ones.
+_KERNEL_CACHE: dict[tuple, Any] = {}
+
+
+class CudaLinearKernel:
+    """``y = act(x @ W^T + bias)`` for one packed weight, computed by a CUDA kernel.
+
+    Build with :func:`sparsec.codegen.cuda.build_linear_kernel`; the packed weight and bias the
+    caller passed are not modified (they are copied to the device).
+    """
+
+    def __init__(self, spec: KernelSpec, bias: np.ndarray | None, activation: str | None) -> None:
+        self.format_name = spec.format_name
+        self.value_type = spec.value_type
+        self.rows = spec.rows
+        self.cols = spec.cols
+        self.activation = activation
+        self.has_bias = bias is not None
+        self._spec = spec
+        bias_host = bias if bias is not None else np.zeros(1, dtype=np.float32)
+        self._device_args = tuple(cuda.to_device(a) for a in spec.arrays) + (cuda.to_device(bias_host),)
+        self.device_index = None if SIMULATOR else cuda.get_current_device().id
+        self._streams: dict[int, Any] = {}
+
+    def __repr__(self) -> str:
+        act = f", activation={self.activation!r}" if self.activation else ""
+        return (
+            f"CudaLinearKernel({self.format_name}/{self.value_type}, rows={self.rows}, cols={self.cols}"
+            f"{act}, bias={self.has_bias})"
+        )
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds on the device (its repacked weight arrays and bias)."""
+        return int(sum(a.nbytes for a in self._device_args))
+
+    def kernel_for(self, bucket: int):
+        """The compiled (or lazily compiling) kernel for batch bucket ``bucket``."""
+        key = self._spec.cache_key + (bucket,)
+        kern = _KERNEL_CACHE.get(key)
+        if kern is None:
+            kern = self._spec.make(bucket)
+            _KERNEL_CACHE[key] = kern
+        return kern
+
+    def launch(self, y, x, m: int, stream: Any = 0) -> None:
+        """Run on ``m`` (<= 16) rows: ``x`` ``[m, cols]``, ``y`` ``[m, rows]`` device arrays."""
+        bucket = next(b for b in self._spec.buckets if m <= b)
+        grid = max(1, math.ceil(self.rows / self._spec.rows_per_block))
+        kern = self.kernel_for(bucket)
+        kern[grid, self._spec.threads_per_block, stream](y, x, m, self.rows, *self._device_args)
+
+    def __call__(self, x):
+        if isinstance(x, torch.Tensor):
+            return self._call_torch(x)
+        if isinstance(x, np.ndarray):
+            if not SIMULATOR:
+                raise TypeError(
+                    "x is a host NumPy array but this kernel runs on the GPU; pass a CUDA torch.Tensor"
+                )
+            return self._call_host(x)
+        raise TypeError(
+            f"x must be a torch.Tensor (or a NumPy array under the simulator), got {type(x).__name__}"
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) == 0 or shape[-1] != self.cols:
+            raise ValueError(
+                f"x has shape {tuple(shape)} but this layer takes [..., {self.cols}] (its weight is "
+                f"{self.rows} x {self.cols}); pass inputs whose last dimension is {self.cols}"
+            )
+
+    def _call_host(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype not in (np.float32, np.float16):
+            raise TypeError(
+                f"x must be float32 or float16, got {x.dtype}; convert it with x.astype(np.float32)"
+            )
+        self._check_shape(x.shape)
+        lead = x.shape[:-1]
+        x2 = np.ascontiguousarray(x.reshape(-1, self.cols))
+        y2 = np.empty((x2.shape[0], self.rows), dtype=x.dtype)
+        for s in range(0, x2.shape[0], self._spec.buckets[-1]):
+            chunk = x2[s : s + self._spec.buckets[-1]]
+            out = y2[s : s + chunk.shape[0]]
+            self.launch(out, chunk, chunk.shape[0])
+        return y2.reshape(*lead, self.rows)
+
+    def _call_torch(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _X_DTYPES:
+            raise TypeError(
+                f"x must be float32 or float16, got {x.dtype}; convert it with x.float() or x.half()"
+            )
+        self._check_shape(tuple(x.shape))
+        if SIMULATOR:
+            if x.device.type != "cpu":
+                raise ValueError(f"under the CUDA simulator x must be a CPU tensor, got one on {x.device}")
+            out = self._call_host(x.detach().contiguous().numpy())
+            return torch.from_numpy(out)
+        if x.device.type != "cuda" or x.device.index != self.device_index:
+            raise ValueError(
+                f"x is on {x.device} but this layer's weight is on cuda:{self.device_index}; "
+                f"move x there with x.to('cuda:{self.device_index}')"
+            )
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, self.cols)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        m_total = x2.shape[0]
+        y2 = torch.empty((m_total, self.rows), dtype=x.dtype, device=x.device)
+        stream = self._stream_for(torch.cuda.current_stream(x.device).cuda_stream)
+        step = self._spec.buckets[-1]
+        for s in range(0, m_total, step):
+            xs, ys = x2[s : s + step], y2[s : s + step]
+            # sync=False: torch's stream order already covers these tensors, and the default
+            # (synchronising the exporter's stream on every call) would stall the CPU.
+            self.launch(
+                cuda.as_cuda_array(ys, sync=False), cuda.as_cuda_array(xs, sync=False), xs.shape[0], stream
+            )
+        return y2.reshape(*lead, self.rows)
+
+    def _stream_for(self, handle: int):
+        stream = self._streams.get(handle)
+        if stream is None:
+            stream = cuda.external_stream(handle) if handle else cuda.default_stream()
+            self._streams[handle] = stream
+        return stream

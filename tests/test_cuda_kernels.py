@@ -1,0 +1,261 @@
+"""CUDA sparse kernels against float64 references.
+
+Runs on a real GPU when one is present, else under numba's CUDA simulator (set before numba is
+imported, here as in the suite's conftest), with small shapes because the simulator runs every
+GPU thread as a Python thread.
+
+Tolerance: the kernels accumulate in float32, so each output may differ from the float64
+reference by at most ``TOL * sum_k |w_k x_k|`` (plus half an fp16 ulp of the result when the
+output is fp16). The reference uses the packed weight's own dequantized values
+(``packed.unpack()``), so quantization error is not part of the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparsec.codegen.cuda import (  # noqa: E402
+    CudaUnavailableError,
+    build_linear_kernel,
+    cuda_available,
+)
+from sparsec.formats import pack  # noqa: E402
+
+USABLE, WHY = cuda_available()
+if USABLE:
+    from sparsec.codegen.cuda.device import cuda
+
+pytestmark = pytest.mark.skipif(not USABLE, reason=f"no CUDA target: {WHY}")
+ON_GPU = USABLE and torch.cuda.is_available()
+
+TOL = 2e-6
+ACTS = {
+    None: lambda v: v,
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+}
+
+
+def sparse_weight(rows: int, cols: int, density: float, seed: int) -> torch.Tensor:
+    """Random weight with about ``density`` kept, plus an empty row and a fully dense row."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)
+    if rows >= 3:
+        w[1] = 0.0
+        w[2] = torch.randn(cols, generator=g)
+    return w
+
+
+def run(kernel, x: torch.Tensor) -> torch.Tensor:
+    if ON_GPU:
+        return kernel(x.cuda()).cpu()
+    return kernel(x)
+
+
+def check(y: torch.Tensor, packed, x: torch.Tensor, bias=None, activation=None) -> None:
+    w = packed.unpack().double()
+    xd = x.double()
+    pre = xd @ w.T
+    if bias is not None:
+        pre = pre + bias.double()
+    ref = ACTS[activation](pre)
+    magnitude = xd.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0.0)
+    bound = TOL * magnitude + 1e-7
+    if y.dtype == torch.float16:
+        bound = bound + ref.abs() * 2.0**-11 + 2.0**-24
+    assert y.shape == ref.shape
+    err = (y.double() - ref).abs()
+    worst = (err - bound).max().item() if err.numel() else -1.0
+    assert worst <= 0, (
+        f"max error {err.max().item():.3g} over bound {bound.flatten()[err.argmax()].item():.3g}"
+    )
+
+
+@pytest.mark.parametrize("value_type", ["fp32", "bf16", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_bitmask_value_types(value_type: str, batch: int) -> None:
+    # rows not a multiple of the 4 rows a block, cols not a multiple of 8, 32 or 64.
+    w = sparse_weight(9, 77, 0.4, seed=batch)
+    options = {"group_size": 16} if value_type == "int4" else {}
+    packed = pack(w, "bitmask", value_type, **options)
+    x = torch.randn(batch, 77, generator=torch.Generator().manual_seed(7))
+    kernel = build_linear_kernel(packed)
+    check(run(kernel, x), packed, x)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "gelu_tanh"])
+def test_bitmask_bias_and_activation(activation: str) -> None:
+    w = sparse_weight(6, 40, 0.5, seed=3)
+    packed = pack(w, "bitmask", "fp16")
+    bias = torch.randn(6)
+    x = torch.randn(2, 40)
+    kernel = build_linear_kernel(packed, bias=bias, activation=activation)
+    check(run(kernel, x), packed, x, bias, activation)
+
+
+def test_bitmask_several_tiles_and_int8_bias() -> None:
+    # 2100 columns: two 2048-column tiles, the second one partial; rows span two blocks.
+    w = sparse_weight(5, 2100, 0.2, seed=11)
+    packed = pack(w, "bitmask", "int8")
+    bias = torch.randn(5)
+    x = torch.randn(3, 2100)
+    check(run(build_linear_kernel(packed, bias=bias), x), packed, x, bias)
+
+
+def test_bitmask_int4_group_straddles_tile_and_fp16_input() -> None:
+    w = sparse_weight(4, 2090, 0.3, seed=5)
+    packed = pack(w, "bitmask", "int4", group_size=100)
+    x = torch.randn(1, 2090).half()
+    y = run(build_linear_kernel(packed, activation="relu"), x)
+    assert y.dtype == torch.float16
+    check(y, packed, x, activation="relu")
+
+
+def test_leading_dims_and_batches_above_sixteen() -> None:
+    w = sparse_weight(5, 33, 0.5, seed=2)
+    packed = pack(w, "bitmask", "bf16")
+    x = torch.randn(2, 9, 33)  # 18 rows: one launch of 16, one of 2
+    y = run(build_linear_kernel(packed), x)
+    assert y.shape == (2, 9, 5)
+    check(y.reshape(18, 5), packed, x.reshape(18, 33))
+
+
+@pytest.mark.skipif(ON_GPU, reason="NumPy inputs are a simulator convenience")
+def test_numpy_input_gives_numpy_output() -> None:
+    w = sparse_weight(4, 20, 0.5, seed=4)
+    packed = pack(w, "bitmask", "fp32")
+    x = np.random.default_rng(0).standard_normal((2, 20)).astype(np.float16)
+    y = build_linear_kernel(packed)(x)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float16
+    check(torch.from_numpy(y), packed, torch.from_numpy(x))
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 150),
+    density=st.floats(0.0, 1.0),
+    value_type=st.sampled_from(["fp32", "bf16", "fp16", "int8", "int4"]),
+    batch=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_bitmask_random_shapes(rows, cols, density, value_type, batch, seed) -> None:
+    w = sparse_weight(rows, cols, density, seed)
+    options = {"group_size": 8} if value_type == "int4" else {}
+    packed = pack(w, "bitmask", value_type, **options)
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed + 1))
+    check(run(build_linear_kernel(packed), x), packed, x)
+
+
+# -- bad inputs: one clear error each, nothing modified ------------------------------------------
+
+
+def test_bad_inputs_are_refused_and_leave_data_unchanged() -> None:
+    w = sparse_weight(4, 24, 0.5, seed=9)
+    packed = pack(w, "bitmask", "fp16")
+    before = {k: v.clone() for k, v in packed.tensors("w").items()}
+    bias = torch.randn(4)
+    bias_before = bias.clone()
+    kernel = build_linear_kernel(packed, bias=bias)
+    x = torch.randn(2, 24)
+    x_before = x.clone()
+    run(kernel, x)
+    assert torch.equal(x, x_before) and torch.equal(bias, bias_before)
+    assert all(torch.equal(v, before[k]) for k, v in packed.tensors("w").items())
+
+    with pytest.raises(ValueError, match=r"last dimension is 24"):
+        kernel(torch.randn(2, 25))
+    with pytest.raises(TypeError, match="float32 or float16"):
+        kernel(torch.randn(2, 24, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        build_linear_kernel(packed, activation="tanh")
+    with pytest.raises(ValueError, match=r"pass a \[4\] bias"):
+        build_linear_kernel(packed, bias=torch.randn(5))
+    with pytest.raises(TypeError, match="PackedWeight"):
+        build_linear_kernel(w)
+    with pytest.raises(ValueError, match="no CUDA kernel for format 'csr'"):
+        build_linear_kernel(pack(w, "csr", "fp32"))
+
+
+# -- device helpers ------------------------------------------------------------------------------
+
+
+def test_warp_scan_and_reduce_match_numpy() -> None:
+    from sparsec.codegen.cuda.device import warp_reduce_sum, warp_scan
+
+    # The simulator finds ``cuda`` among the kernel's module globals, so it is imported there.
+    @cuda.jit
+    def collectives(values, excl, totals, sums):
+        tid = cuda.threadIdx.x
+        warp = tid // 32
+        lane = tid % 32
+        iscratch = cuda.shared.array((2, 32), np.int32)
+        fscratch = cuda.shared.array((2, 32), np.float32)
+        before, total = warp_scan(np.int32(values[tid]), lane, iscratch[warp])
+        s = warp_reduce_sum(np.float32(values[tid]) * np.float32(0.5), lane, fscratch[warp])
+        excl[tid] = before
+        totals[tid] = total
+        sums[tid] = s
+
+    values = np.random.default_rng(1).integers(0, 65, size=64).astype(np.int32)
+    excl = np.zeros(64, np.int32)
+    totals = np.zeros(64, np.int32)
+    sums = np.zeros(64, np.float32)
+    d = [cuda.to_device(a) for a in (values, excl, totals, sums)]
+    collectives[1, 64](*d)
+    excl, totals, sums = (a.copy_to_host() for a in d[1:])
+    for wp in range(2):
+        v = values[32 * wp : 32 * wp + 32]
+        assert np.array_equal(excl[32 * wp : 32 * wp + 32], np.cumsum(v) - v)
+        assert (totals[32 * wp : 32 * wp + 32] == v.sum()).all()
+        assert np.allclose(sums[32 * wp : 32 * wp + 32], 0.5 * v.sum(), rtol=1e-6)
+
+
+def test_numpy_row_stack_shim(monkeypatch) -> None:
+    from sparsec.codegen.cuda._compat import apply_numpy_shims
+
+    monkeypatch.delattr(np, "row_stack", raising=False)
+    assert apply_numpy_shims() is True
+    assert np.row_stack is np.vstack
+    assert apply_numpy_shims() is False
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the message given when no GPU is present")
+def test_no_gpu_without_simulator_is_one_clear_error() -> None:
+    code = (
+        "import torch\n"
+        "from sparsec.formats import pack\n"
+        "from sparsec.codegen.cuda import build_linear_kernel, cuda_available, CudaUnavailableError\n"
+        "ok, why = cuda_available()\n"
+        "assert not ok and why, (ok, why)\n"
+        "try:\n"
+        "    build_linear_kernel(pack(torch.eye(4), 'bitmask', 'fp16'))\n"
+        "except CudaUnavailableError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["NUMBA_ENABLE_CUDASIM"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    msg = out.stdout.strip()
+    assert msg.startswith("target='cuda' needs an NVIDIA GPU with a working driver: none was found (")
+    assert msg.endswith("compile with target='cpu'") and "\n" not in msg
+
+
+def test_unavailable_error_is_runtime_error() -> None:
+    assert issubclass(CudaUnavailableError, RuntimeError)
