@@ -1,0 +1,353 @@
+"""GPU sparse-kernel benchmark: sparsec's CUDA kernels against dense fp16 cuBLAS.
+
+For each layer shape, sparsity, value type and batch, this script
+
+1. measures the device-to-device copy bandwidth once (the floor every kernel is judged by);
+2. packs a random weight, builds the kernel, and checks its output against a float64
+   reference *before* timing (a wrong kernel is reported, never timed);
+3. times the kernel and ``torch.nn.functional.linear`` on the dense fp16 weight with CUDA
+   events: the median over repetitions of a block of back-to-back launches, each launch on
+   the next of several copies of the layer (together more than 4x the L2 cache, so weights
+   come from HBM as in a real decoding step);
+4. prints time, speedup over cuBLAS, achieved bandwidth as a fraction of the copy bandwidth,
+   and the host-side cost of one call.
+
+Launch overhead: a numba-cuda launch costs tens of microseconds of Python on the host, more than
+a small layer takes on the GPU. Each timed block therefore starts behind a GPU-side sleep
+(``torch.cuda._sleep``) long enough for the host to enqueue the whole block, so the events
+measure GPU time alone; the host cost is reported in its own column (CUDA graphs would remove
+it in a real decode loop).
+
+Usage::
+
+    python benchmarks/gpu_kernels.py              # full grid (a few minutes on an H100/H200)
+    python benchmarks/gpu_kernels.py --quick      # a subset (about a minute)
+    python benchmarks/gpu_kernels.py --simulate   # tiny shapes on the CUDA simulator, no GPU
+    python benchmarks/gpu_kernels.py --json out.json
+
+Without a GPU (and without ``--simulate``) it exits with status 2 and one sentence saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+FULL = {
+    "shapes": [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)],
+    "sparsities": [0.5, 0.7, 0.75, 0.9],
+    "batches": [1, 4, 16],
+    "value_types": ["fp16", "int8", "int4"],
+}
+QUICK = {
+    "shapes": [(4096, 4096), (11008, 4096)],
+    "sparsities": [0.5, 0.75],
+    "batches": [1, 16],
+    "value_types": ["fp16", "int8", "int4"],
+}
+SIMULATE = {
+    "shapes": [(6, 70), (9, 130)],
+    "sparsities": [0.5, 0.9],
+    "batches": [1, 4],
+    "value_types": ["fp16", "int8", "int4"],
+}
+INT4_GROUP = 128
+
+
+@dataclass
+class Row:
+    rows: int
+    cols: int
+    sparsity: float
+    value_type: str
+    batch: int
+    bits_per_weight: float
+    ours_us: float
+    cublas_us: float
+    speedup: float
+    ours_bw_frac: float
+    cublas_bw_frac: float
+    floor_us: float
+    host_us_per_call: float
+    max_err_ratio: float
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a subset of the grid")
+    p.add_argument("--simulate", action="store_true", help="tiny shapes on numba's CUDA simulator (no GPU)")
+    p.add_argument("--value-types", help="comma-separated subset, e.g. fp16,int4")
+    p.add_argument("--repeats", type=int, default=15, help="timed blocks per measurement (median taken)")
+    p.add_argument("--block", type=int, default=40, help="launches per timed block")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def no_gpu_reason(torch) -> str | None:
+    if not torch.cuda.is_available():
+        build = (
+            "a CPU-only torch build"
+            if torch.version.cuda is None
+            else f"torch built for CUDA {torch.version.cuda}"
+        )
+        return f"torch.cuda.is_available() is False ({build})"
+    from sparsec.codegen.cuda import cuda_available
+
+    ok, why = cuda_available()
+    return None if ok else why
+
+
+def random_weight(torch, rows: int, cols: int, sparsity: float, gen):
+    """Random fp32 weight with exactly ``round(sparsity * cols)`` zeros per row (unstructured)."""
+    w = torch.randn(rows, cols, generator=gen)
+    k = int(round(sparsity * cols))
+    if k:
+        drop = torch.rand(rows, cols, generator=gen).argsort(dim=1)[:, :k]
+        w.scatter_(1, drop, 0.0)
+    return w
+
+
+def check_output(torch, y, x, w_ref) -> float:
+    """Max of |y - ref| / bound with ref in float64; must be <= 1 (bound stated below)."""
+    xd = x.double()
+    ref = xd @ w_ref.T
+    mag = xd.abs() @ w_ref.abs().T
+    # float32 accumulation over up to 11008 terms, then an fp16 output rounding.
+    bound = 1e-4 * mag + 2.0**-10 * ref.abs() + 1e-3
+    return float(((y.double() - ref).abs() / bound).max())
+
+
+class GpuTimer:
+    """Median GPU time of a launch, hiding host launch cost behind a GPU-side sleep."""
+
+    def __init__(self, torch, repeats: int, block: int) -> None:
+        self.torch = torch
+        self.repeats = repeats
+        self.block = block
+        self.cycles_per_us = self._calibrate_sleep()
+
+    def _calibrate_sleep(self) -> float:
+        torch = self.torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 20_000_000
+        torch.cuda._sleep(1000)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        return cycles / (start.elapsed_time(end) * 1e3)
+
+    def host_cost_us(self, launches) -> float:
+        torch = self.torch
+        torch.cuda.synchronize()
+        n = 2 * len(launches)
+        t0 = time.perf_counter()
+        for i in range(n):
+            launches[i % len(launches)]()
+        t = (time.perf_counter() - t0) / n
+        torch.cuda.synchronize()
+        return t * 1e6
+
+    def time_us(self, launches) -> tuple[float, float]:
+        """``(median GPU microseconds per launch, host microseconds per launch)``."""
+        torch = self.torch
+        for i in range(max(10, len(launches))):  # warm-up: compile, caches, clocks
+            launches[i % len(launches)]()
+        torch.cuda.synchronize()
+        host = self.host_cost_us(launches)
+        sleep_us = 2.0 * host * self.block + 200.0
+        samples = []
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(self.repeats):
+            torch.cuda._sleep(int(sleep_us * self.cycles_per_us))
+            t0 = time.perf_counter()
+            start.record()
+            for i in range(self.block):
+                launches[i % len(launches)]()
+            end.record()
+            enqueue_us = (time.perf_counter() - t0) * 1e6
+            torch.cuda.synchronize()
+            if enqueue_us > sleep_us:  # the GPU caught up with the host: that block is not valid
+                sleep_us = 2.0 * enqueue_us
+                continue
+            samples.append(start.elapsed_time(end) * 1e3 / self.block)
+        if not samples:
+            raise RuntimeError("the host never enqueued a block faster than the GPU ran it; raise --block")
+        return statistics.median(samples), host
+
+
+def bandwidth_gbs(torch, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        b.copy_(a)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    del a, b
+    return 2 * (nbytes // 2) / statistics.median(times) / 1e9
+
+
+def run_gpu(args, grid) -> list[Row]:
+    import torch
+
+    from sparsec.codegen.cuda import build_linear_kernel
+    from sparsec.formats import pack
+
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    bw = bandwidth_gbs(torch)
+    print(f"device: {props.name}, L2 {l2 / 2**20:.0f} MiB, copy bandwidth {bw:.0f} GB/s (read + write)")
+    timer = GpuTimer(torch, args.repeats, args.block)
+    gen = torch.Generator().manual_seed(args.seed)
+    results: list[Row] = []
+    for rows, cols in grid["shapes"]:
+        dense_bytes = rows * cols * 2
+        n_dense = max(2, math.ceil(4 * l2 / dense_bytes))
+        for sparsity in grid["sparsities"]:
+            w = random_weight(torch, rows, cols, sparsity, gen)
+            dense = [w.to("cuda", torch.float16) for _ in range(n_dense)]
+            for vt in grid["value_types"]:
+                options = {"group_size": INT4_GROUP} if vt == "int4" else {}
+                packed = pack(w, "bitmask", vt, **options)
+                w_ref = packed.unpack().to("cuda", torch.float64)
+                n_ours = max(2, math.ceil(4 * l2 / packed.nbytes()))
+                kernels = [build_linear_kernel(packed) for _ in range(n_ours)]
+                for batch in grid["batches"]:
+                    x = torch.randn(batch, cols, generator=gen).to("cuda", torch.float16)
+                    err = max(check_output(torch, k(x), x, w_ref) for k in kernels[:2])
+                    if not err <= 1.0:
+                        print(
+                            f"WRONG RESULT {rows}x{cols} {vt} s={sparsity} b={batch}: error ratio {err:.3g}"
+                        )
+                        results.append(Row(rows, cols, sparsity, vt, batch, packed.bits_per_weight(),
+                                           math.nan, math.nan, math.nan, math.nan, math.nan, math.nan,
+                                           math.nan, err))  # fmt: skip
+                        continue
+                    ours, host = timer.time_us([lambda k=k, x=x: k(x) for k in kernels])
+                    cublas, _ = timer.time_us(
+                        [lambda d=d, x=x: torch.nn.functional.linear(x, d) for d in dense]
+                    )
+                    io = x.numel() * 2 + batch * rows * 2
+                    ours_bytes = kernels[0].nbytes() + io
+                    row = Row(
+                        rows, cols, sparsity, vt, batch, packed.bits_per_weight(),
+                        ours, cublas, cublas / ours,
+                        ours_bytes / (ours * 1e-6) / 1e9 / bw,
+                        (dense_bytes + io) / (cublas * 1e-6) / 1e9 / bw,
+                        ours_bytes / (bw * 1e9) * 1e6, host, err,
+                    )  # fmt: skip
+                    results.append(row)
+                    print_row(row)
+                del kernels
+            del dense
+            torch.cuda.empty_cache()
+    return results
+
+
+def run_simulated(args, grid) -> list[Row]:
+    """The same steps on the CUDA simulator with CPU tensors: checks the logic, times nothing real."""
+    import torch
+
+    from sparsec.codegen.cuda import build_linear_kernel
+    from sparsec.formats import pack
+
+    gen = torch.Generator().manual_seed(args.seed)
+    results = []
+    for rows, cols in grid["shapes"]:
+        for sparsity in grid["sparsities"]:
+            w = random_weight(torch, rows, cols, sparsity, gen)
+            for vt in grid["value_types"]:
+                options = {"group_size": 32} if vt == "int4" else {}
+                packed = pack(w, "bitmask", vt, **options)
+                w_ref = packed.unpack().double()
+                kernel = build_linear_kernel(packed)
+                for batch in grid["batches"]:
+                    x = torch.randn(batch, cols, generator=gen).half()
+                    t0 = time.perf_counter()
+                    y = kernel(x)
+                    ours = (time.perf_counter() - t0) * 1e6
+                    err = check_output(torch, y, x, w_ref)
+                    t0 = time.perf_counter()
+                    torch.nn.functional.linear(x.float(), w)
+                    dense = (time.perf_counter() - t0) * 1e6
+                    row = Row(rows, cols, sparsity, vt, batch, packed.bits_per_weight(), ours, dense,
+                              dense / ours, math.nan, math.nan, math.nan, ours, err)  # fmt: skip
+                    results.append(row)
+                    print_row(row)
+                    if not err <= 1.0:
+                        print(
+                            f"WRONG RESULT {rows}x{cols} {vt} s={sparsity} b={batch}: error ratio {err:.3g}"
+                        )
+    return results
+
+
+HEADER = (
+    f"{'shape':>12} {'sparse':>6} {'vtype':>5} {'batch':>5} {'bits/w':>6} {'ours us':>9} {'cuBLAS us':>9} "
+    f"{'speedup':>7} {'ours BW':>7} {'cuBLAS BW':>9} {'floor us':>8} {'host us':>8} {'err':>6}"
+)
+
+
+def print_row(r: Row) -> None:
+    def pct(v: float) -> str:
+        return "   n/a" if math.isnan(v) else f"{100 * v:5.1f}%"
+
+    print(
+        f"{f'{r.rows}x{r.cols}':>12} {r.sparsity:6.2f} {r.value_type:>5} {r.batch:5d} "
+        f"{r.bits_per_weight:6.2f} "
+        f"{r.ours_us:9.2f} {r.cublas_us:9.2f} {r.speedup:7.2f} {pct(r.ours_bw_frac):>7} "
+        f"{pct(r.cublas_bw_frac):>9} {r.floor_us:8.2f} {r.host_us_per_call:8.1f} {r.max_err_ratio:6.3f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.simulate:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import torch
+
+    grid = dict(SIMULATE if args.simulate else QUICK if args.quick else FULL)
+    if args.value_types:
+        grid["value_types"] = args.value_types.split(",")
+    if args.simulate:
+        print("CUDA simulator: outputs are checked, times are Python's and mean nothing about a GPU")
+        print(HEADER)
+        results = run_simulated(args, grid)
+    else:
+        why = no_gpu_reason(torch)
+        if why is not None:
+            print(
+                f"gpu_kernels.py needs an NVIDIA GPU with a working CUDA driver and a CUDA build of torch: "
+                f"{why}; run it with --simulate for a smoke test on the CUDA simulator",
+                file=sys.stderr,
+            )
+            return 2
+        print(HEADER)
+        results = run_gpu(args, grid)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    wrong = [r for r in results if not r.max_err_ratio <= 1.0]
+    if wrong:
+        print(f"{len(wrong)} configuration(s) gave wrong results", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
