@@ -1,0 +1,344 @@
+"""Kernels for the ``bitmask`` format: ``y = act(x @ W^T + bias)`` straight from the packed bits.
+
+Three kernel families, generated as Python source per value type (one module holds every family
+and batch tile; a function compiles on first use and Numba caches it on disk). Shapes, the
+activation and the batch size are run-time arguments, so a model's 200 layers of one value type
+share a handful of compiled functions, not 200:
+
+``rows`` (decode once, use for a few batch rows; batch 1 is the GEMV)
+    Each thread walks its rows ``R`` at a time (independent offsets and accumulators keep the
+    core busy while one row's popcount chain resolves). Per chunk of ``W`` columns and row: one
+    mask load, one AVX-512 expand-load that spreads the packed values over the chunk's lanes and
+    turns them into float32 in registers (bf16 by a 16-bit shift, int8/int4 by two shifts and a
+    convert), then one FMA per 16 lanes against ``x``. ``W`` is 32 for 16/32-bit values and 64 for
+    int8/int4 (one 64-lane byte expand). ``x`` is laid out to match the lane order the decode
+    produces (:func:`arrange_x`), once per call.
+``nnz`` (several batch rows: work per kept value, not per column)
+    A row is decoded into a short list of (column, float32 value) in L1, then every kept value is
+    broadcast and multiplied into ``x^T[column, 0:16L]`` (batch in the vector lanes): the flops are
+    the useful ones only, where the ``rows`` kernel multiplies the zeros of every chunk too.
+``portable``
+    Plain Numba loops over set bits, for CPUs without AVX-512 (VBMI2 expands) and for int4 group
+    sizes the vector kernels do not handle. Same results up to float rounding.
+
+Threads get contiguous row ranges of equal kept-value counts (:mod:`.partition`) and are
+sparsec's own (:mod:`.threads`): every kernel is a ``nogil`` function of one row range that
+writes into caller-provided buffers and allocates nothing (no NRT), so it can later be emitted as
+object code that a loader threads itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+import threading
+
+import numba
+import numpy as np
+from numba import njit
+
+from sparsec.codegen.cpu.host import host_features
+
+#: Per value type: (kind code of ``simd.load_first_f32``, chunk width W, mask loader, expand-load,
+#: vectors per chunk, x layout group g: lanes of one vector are columns ``g*j + k``).
+_VT = {
+    "fp32": (0, 32, "load_u32", "expand_f32x32", 2, 1),
+    "bf16": (1, 32, "load_u32", "expand_bf16x32", 2, 2),
+    "fp16": (2, 32, "load_u32", "expand_f16x32", 2, 1),
+    "int8": (3, 64, "load_u64", "expand_i8x64", 4, 4),
+    "int4": (4, 64, "load_u64", "expand_i4x64", 4, 4),
+}
+
+ACTIVATIONS: tuple[str | None, ...] = (None, "relu", "gelu", "silu")
+
+
+#: activation codes passed to the kernels at run time (one compiled kernel serves all four).
+ACT_CODE: dict[str | None, int] = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
+
+
+@njit(nogil=True, cache=True)
+def act(v, code):
+    """The epilogue activation, in float64: 0 none, 1 relu, 2 exact (erf) gelu, 3 silu."""
+    if code == 0:
+        return v
+    if code == 1:
+        return v if v > 0.0 else 0.0
+    if code == 2:
+        return 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
+    return v / (1.0 + math.exp(-v))
+
+
+@njit(nogil=True, cache=True)
+def load_partial(bm, start, nbytes):
+    """Little-endian mask of ``nbytes`` (<= 8) bytes: the last chunk of a row, never read past it."""
+    m = np.uint64(0)
+    for i in range(nbytes):
+        m |= np.uint64(bm[start + i]) << np.uint64(8 * i)
+    return m
+
+
+# --------------------------------------------------------------------------- source generation
+#
+# Every generated kernel has the signature ``fn(r0, r1, t, B, <ARGS>)``: rows ``r0:r1`` of the
+# layer, thread slot ``t`` (its scratch), ``B`` batch rows. One argument list for all families
+# keeps the caller simple; a family ignores what it does not read.
+
+ARGS = (
+    "vals, bm, nbytes, offs, scales, gstride, gs, bias, actc, y, "
+    "xa, xstride, nfull, tailbytes, xt, lw, nfull16, tail16, ibuf, vbuf, obuf, cap, xs, acc"
+)
+
+
+def _rows_block(vt: str, R: int, BT: int, indent: str) -> list[str]:
+    """Source for ``R`` rows in flight starting at ``r``, batch rows ``b0 .. b0+BT-1``."""
+    kind, W, loader, expander, K, _ = _VT[vt]
+    int4_t = vt == "int4" and BT == 1  # int4 at batch 1: scale the chunk's dot product, not weights
+    nacc = 1 if int4_t or R * BT >= 4 else K  # split the FMA chain when few chains are in flight
+    L: list[str] = []
+    add = lambda s, ind="": L.append(indent + ind + s)  # noqa: E731
+    for i in range(R):
+        add(f"p{i} = offs[r + {i}]")
+        add(f"mb{i} = (r + {i}) * nbytes")
+        for b in range(BT):
+            for a in range(nacc):
+                add(f"a{i}_{b}_{a} = vzero()")
+    if vt == "int4":
+        add("g = -1")
+        add("gnext = 0")
+
+    def chunk(mask_expr: str, ind: str) -> None:
+        for b in range(BT):
+            for k in range(K):
+                add(f"x{b}_{k} = vload(xa, (b0 + {b}) * xstride + c * {W} + {16 * k})", ind)
+        if vt == "int4":
+            # gs is a multiple of W here, so a chunk never straddles two scale groups
+            add(f"if c * {W} >= gnext:", ind)
+            add("    g += 1", ind)
+            add("    gnext += gs", ind)
+        for i in range(R):
+            add(f"m{i} = {mask_expr.format(i=i)}", ind)
+            add(f"{', '.join(f'w{i}_{k}' for k in range(K))}, = {expander}(vals, p{i}, m{i})", ind)
+            add(f"p{i} += popcount(m{i})", ind)
+            if vt == "int4":
+                add(f"s{i} = vbroadcast(scales[(r + {i}) * gstride + g])", ind)
+                if not int4_t:
+                    for k in range(K):
+                        add(f"w{i}_{k} = vmul(w{i}_{k}, s{i})", ind)
+            for b in range(BT):
+                if int4_t:
+                    add(f"t4 = vmul(w{i}_0, x{b}_0)", ind)
+                    for k in range(1, K):
+                        add(f"t4 = vfma(w{i}_{k}, x{b}_{k}, t4)", ind)
+                    add(f"a{i}_{b}_0 = vfma(t4, s{i}, a{i}_{b}_0)", ind)
+                    continue
+                for k in range(K):
+                    a = k % nacc
+                    add(f"a{i}_{b}_{a} = vfma(w{i}_{k}, x{b}_{k}, a{i}_{b}_{a})", ind)
+
+    add("for c in range(nfull):")
+    chunk(f"{loader}(bm, mb{{i}} + c * {W // 8})", "    ")
+    add("if tailbytes > 0:")
+    add("    c = nfull")
+    chunk(f"load_partial(bm, mb{{i}} + c * {W // 8}, tailbytes)", "    ")
+    for i in range(R):
+        for b in range(BT):
+            expr = f"a{i}_{b}_0"
+            for a in range(1, nacc):
+                expr = f"vadd({expr}, a{i}_{b}_{a})"
+            scale = f" * scales[r + {i}]" if vt == "int8" else ""
+            add(f"y[b0 + {b}, r + {i}] = act(np.float64(vsum({expr})){scale} + bias[r + {i}], actc)")
+    return L
+
+
+def rows_source(vt: str, BT: int) -> str:
+    """``rows_{BT}``: decode each chunk once, FMA it into ``BT`` batch rows at a time.
+
+    ``B`` must be a multiple of ``BT`` (the caller pads ``x`` and ``y``). Rows go 4 at a time at
+    batch tile 1, 2 at tile 2 and 1 at tile 4, so about four accumulator chains are in flight.
+    """
+    R = {1: 4, 2: 2, 4: 1}[BT]
+    body = [f"def rows_{BT}(r0, r1, t, B, {ARGS}):", f"    for b0 in range(0, B, {BT}):", "        r = r0"]
+    body.append(f"        while r + {R} <= r1:")
+    body += _rows_block(vt, R, BT, "            ")
+    body.append(f"            r += {R}")
+    if R > 1:
+        body.append("        while r < r1:")
+        body += _rows_block(vt, 1, BT, "            ")
+        body.append("            r += 1")
+    return "\n".join(body) + "\n"
+
+
+def nnz_source(vt: str, NL: int) -> str:
+    """``nnz_{NL}``: per row, decode (column, value) pairs into L1, then one broadcast-FMA per kept
+    value and 16 batch rows (``NL`` vectors: ``B <= 16 * NL``)."""
+    kind = _VT[vt][0]
+    U = max(1, 4 // NL)  # independent accumulator sets: about four FMA chains in flight
+    L = [
+        f"def nnz_{NL}(r0, r1, t, B, {ARGS}):",
+        "    base = t * cap",
+        "    for r in range(r0, r1):",
+        "        p = offs[r]",
+        "        mb = r * nbytes",
+        "        n = 0",
+    ]
+    if vt == "int4":
+        L += ["        g = -1", "        gnext = 0"]
+
+    def decode(mask_expr: str) -> None:
+        ind = "            "
+        L.append(ind + f"m = {mask_expr}")
+        L.append(ind + "k = popcount(m)")
+        L.append(ind + "store_column_indices(ibuf, base + n, c * 16, m)")
+        L.append(ind + f"v = load_first_f32(vals, p, k, {kind})")
+        if vt == "int4":
+            L.append(ind + "if c * 16 >= gnext:")
+            L.append(ind + "    g += 1")
+            L.append(ind + "    gnext += gs")
+            L.append(ind + "v = vmul(v, vbroadcast(scales[r * gstride + g]))")
+        L.append(ind + "vstore(vbuf, base + n, v)")
+        L.append(ind + "n += k")
+        L.append(ind + "p += k")
+
+    L.append("        for c in range(nfull16):")
+    decode("load_u16(bm, mb + c * 2)")
+    L.append("        if tail16 > 0:")
+    L.append("            c = nfull16")
+    decode("load_partial(bm, mb + c * 2, tail16)")
+    for u in range(U):  # pad to a multiple of U with zero values at column 0
+        L += [f"        ibuf[base + n + {u}] = 0", f"        vbuf[base + n + {u}] = 0.0"]
+    for u in range(U):
+        for lane in range(NL):
+            L.append(f"        a{u}_{lane} = vzero()")
+    L.append(f"        for j in range(0, n, {U}):")
+    for u in range(U):
+        L.append(f"            bv = vbroadcast(vbuf[base + j + {u}])")
+        L.append(f"            ci = np.int64(ibuf[base + j + {u}]) * lw")
+        for lane in range(NL):
+            L.append(f"            a{u}_{lane} = vfma(bv, vload(xt, ci + {16 * lane}), a{u}_{lane})")
+    for lane in range(NL):
+        expr = f"a0_{lane}"
+        for u in range(1, U):
+            expr = f"vadd({expr}, a{u}_{lane})"
+        L.append(f"        vstore(obuf, t * lw + {16 * lane}, {expr})")
+    scale = " * scales[r]" if vt == "int8" else ""
+    L += [
+        "        for b in range(B):",
+        f"            y[b, r] = act(np.float64(obuf[t * lw + b]){scale} + bias[r], actc)",
+    ]
+    return "\n".join(L) + "\n"
+
+
+def portable_source(vt: str) -> str:
+    """``portable``: walk each row's set bits, decode one value at a time, float64 accumulators."""
+    deq = {
+        "fp32": "np.float64(vals[p])",
+        "bf16": "np.float64(bf16_to_f32(vals[p]))",
+        "fp16": "np.float64(f16_to_f32(vals[p]))",
+        "int8": "np.float64(vals[p])",
+        "int4": "np.float64((((np.int64(vals[p >> 1]) >> (4 * (p & 1))) & 15) ^ 8) - 8)"
+        " * scales[r * gstride + col // gs]",
+    }[vt]
+    scale = " * scales[r]" if vt == "int8" else ""
+    return f"""def portable(r0, r1, t, B, {ARGS}):
+    for r in range(r0, r1):
+        for b in range(B):
+            acc[t, b] = 0.0
+        p = offs[r]
+        for byte in range(nbytes):
+            bits = np.int64(bm[r * nbytes + byte])
+            while bits != 0:
+                low = bits & -bits
+                col = byte * 8 + popcount(low - 1)
+                bits ^= low
+                v = {deq}
+                for b in range(B):
+                    acc[t, b] += v * xs[b, col]
+                p += 1
+        for b in range(B):
+            y[b, r] = act(acc[t, b]{scale} + bias[r], actc)
+"""
+
+
+def module_source(vt: str) -> str:
+    """The whole generated module for one value type (every family; each compiles on first use)."""
+    parts = [
+        f'"""Generated by sparsec.codegen.cpu.bitmask for value type {vt}; do not edit."""',
+        "import numpy as np",
+        "from numba import njit",
+        "from sparsec.codegen.cpu.simd import *  # noqa: F401,F403",
+        "from sparsec.codegen.cpu.bitmask import act, load_partial",
+        f"_JIT = dict({', '.join(f'{k}={v!r}' for k, v in _JIT.items())}, cache=True)",
+    ]
+    for src in [rows_source(vt, bt) for bt in ROWS_TILES] + [nnz_source(vt, nl) for nl in NNZ_LANES]:
+        parts.append("\n@njit(**_JIT)\n" + src)
+    parts.append("\n@njit(**_JIT)\n" + portable_source(vt))
+    return "\n".join(parts) + "\n"
+
+
+ROWS_TILES: tuple[int, ...] = (1, 2, 4)
+NNZ_LANES: tuple[int, ...] = (1, 2, 4)
+_JIT = dict(nogil=True, fastmath=True, boundscheck=False, error_model="numpy")
+
+
+# --------------------------------------------------------------------------- compile cache
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("SPARSEC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparsec"
+    )
+    return os.path.join(root, "cpu-kernels")
+
+
+@functools.cache
+def _codegen_fingerprint() -> str:
+    """Hash of the code that shapes generated kernels: a change to it yields new module files, so
+    Numba's on-disk cache (keyed by file, blind to what a file imports) never serves stale code."""
+    h = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("bitmask.py", "simd.py", "host.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    h.update(numba.__version__.encode())
+    h.update(host_features().name.encode())
+    return h.hexdigest()[:16]
+
+
+_MODULES: dict[str, object] = {}
+_LOCK = threading.Lock()
+
+
+def kernel_module(vt: str):
+    """The generated module of value type ``vt``: written once under the cache directory and
+    imported, so that Numba caches its compiled functions on disk across processes."""
+    with _LOCK:
+        mod = _MODULES.get(vt)
+        if mod is not None:
+            return mod
+        src = module_source(vt)
+        tag = hashlib.sha256((src + _codegen_fingerprint()).encode()).hexdigest()[:16]
+        name = f"sparsec_bitmask_{vt}_{tag}"
+        path = os.path.join(_cache_dir(), name + ".py")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(src)
+            os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        # Numba's disk cache re-imports a function's module by name when it loads one.
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        _MODULES[vt] = mod
+        return mod
+
+
+def kernel_function(vt: str, family: str, param: int = 0):
+    """``rows_{BT}``, ``nnz_{NL}`` or ``portable`` of value type ``vt`` (a Numba dispatcher)."""
+    mod = kernel_module(vt)
+    return getattr(mod, family if family == "portable" else f"{family}_{param}")

@@ -1,0 +1,317 @@
+"""``CpuLinearKernel``: one packed layer bound to the kernel that runs it on this CPU.
+
+``build_linear_kernel(packed, bias, activation)`` looks at the packed weight once (format, value
+type, shape, how its kept values spread over rows), chooses the kernel family per batch size,
+compiles what is missing (shared by every layer of the same value type) and returns a callable:
+
+    kernel = build_linear_kernel(pack(w, "bitmask", "int8"), bias=b, activation="silu")
+    y = kernel(x)            # == silu(x @ unpack(w).T + b), x float32 [..., cols]
+
+Batch regimes for the bitmask format, by the number ``B`` of rows of ``x`` (all leading dims
+flattened), with the crossovers measured on this project's benchmark machine (see
+docs/performance.md):
+
+* ``B <= ROWS_MAX_BATCH``: the ``rows`` kernel (decode each chunk once, reuse it for the batch);
+* up to ``DENSE_MIN_BATCH``: the ``nnz`` kernel (batch in the vector lanes);
+* from ``DENSE_MIN_BATCH`` on (prefill): ``torch.nn.functional.linear`` on the dense weight,
+  unpacked once on first use and cached on the kernel.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsec.codegen.cpu import bitmask as bm_kernels
+from sparsec.codegen.cpu.host import host_features
+from sparsec.codegen.cpu.partition import balanced_row_split
+from sparsec.codegen.cpu.threads import cpu_threads, run_ranges
+from sparsec.formats.base import PackedWeight
+
+ACTIVATIONS = bm_kernels.ACTIVATIONS
+
+_TORCH_ACT = {None: None, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+class KernelError(ValueError):
+    """A layer or an input the CPU kernels cannot run, with what to change."""
+
+
+def _check_activation(activation: object) -> str | None:
+    if activation not in ACTIVATIONS:
+        names = ", ".join(repr(a) for a in ACTIVATIONS)
+        raise KernelError(f"unknown activation {activation!r}; choose one of {names}")
+    return activation  # type: ignore[return-value]
+
+
+def _check_bias(bias: torch.Tensor | None, rows: int) -> np.ndarray:
+    if bias is None:
+        return np.zeros(max(rows, 1), dtype=np.float64)
+    if not isinstance(bias, torch.Tensor):
+        raise KernelError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (rows,):
+        raise KernelError(
+            f"bias has shape {tuple(bias.shape)}, expected ({rows},) (one value per output row)"
+        )
+    if not bias.is_floating_point():
+        raise KernelError(f"bias must be a floating-point tensor, got dtype {bias.dtype}")
+    b = bias.detach().to("cpu", torch.float64).contiguous().numpy()
+    if not np.isfinite(b).all():
+        raise KernelError("bias holds NaN or Inf values")
+    return b if rows else np.zeros(1, dtype=np.float64)
+
+
+class CpuLinearKernel:
+    """``y = act(x @ W^T + bias)`` for one packed weight ``W`` (``[rows, cols]``) on this CPU.
+
+    Call with float32 ``x`` of shape ``[..., cols]`` (any strides); returns a new contiguous
+    float32 tensor ``[..., rows]``. Attributes: ``format_name``, ``value_type``, ``rows``,
+    ``cols``, ``activation``, ``compile_seconds`` (time spent compiling kernels while building
+    this one: zero when an earlier layer already compiled the same variants).
+    """
+
+    #: bitmask: largest batch the ``rows`` kernel serves, and first batch served by dense torch.
+    ROWS_MAX_BATCH = 4
+    DENSE_MIN_BATCH = 65
+    #: layers with fewer dense positions than this run on one thread.
+    PARALLEL_MIN_WEIGHTS = 1 << 16
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, activation: str | None) -> None:
+        if not isinstance(packed, PackedWeight):
+            raise KernelError(
+                "build_linear_kernel needs a PackedWeight (from sparsec.formats.pack), "
+                f"got {type(packed).__name__}"
+            )
+        self.packed = packed
+        self.format_name: str = packed.format_name
+        self.value_type: str = packed.value_type
+        self.rows, self.cols = packed.shape
+        self.activation = _check_activation(activation)
+        self._bias_np = _check_bias(bias, self.rows)
+        self._bias_t = (
+            None if bias is None else torch.from_numpy(self._bias_np[: self.rows]).to(torch.float32)
+        )
+        self._dense: torch.Tensor | None = None
+        self.compile_seconds = 0.0
+        self.threads = cpu_threads()
+        t0 = time.perf_counter()
+        self._impl = self._bind()
+        self.build_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ binding per format
+
+    def _bind(self):
+        if self.format_name == "bitmask":
+            return _BitmaskImpl(self)
+        from sparsec.codegen.cpu import loops
+
+        impl = loops.bind(self)
+        if impl is None:
+            return _DenseImpl(self)
+        return impl
+
+    def dense_weight(self) -> torch.Tensor:
+        """The unpacked float32 weight, built once (only the large-batch path needs it)."""
+        if self._dense is None:
+            self._dense = self.packed.unpack().to(torch.float32).contiguous()
+        return self._dense
+
+    def dense_linear(self, x2: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x2, self.dense_weight(), self._bias_t)
+        act = _TORCH_ACT[self.activation]
+        return act(y) if act is not None else y
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise KernelError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise KernelError(f"input must be float32, got {x.dtype}; convert it with x.float()")
+        if x.device.type != "cpu":
+            raise KernelError(f"input is on {x.device}; the CPU kernel needs a CPU tensor")
+        if x.dim() < 1 or x.shape[-1] != self.cols:
+            raise KernelError(
+                f"input has shape {tuple(x.shape)}, expected [..., {self.cols}] (in_features of this layer)"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.cols)
+        B = x2.shape[0]
+        if B == 0 or self.rows == 0:
+            y = torch.zeros(B, self.rows, dtype=torch.float32)
+            if self._bias_t is not None and B:
+                y += self._bias_t
+            act = _TORCH_ACT[self.activation]
+            y = act(y) if act is not None else y
+        else:
+            y = self._impl(x2)
+        return y.reshape(*lead, self.rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"CpuLinearKernel({self.format_name}/{self.value_type}, {self.rows}x{self.cols}, "
+            f"activation={self.activation!r}, kernel={self._impl.describe()})"
+        )
+
+
+class _DenseImpl:
+    """Every batch through torch on the unpacked weight (dense format, and formats without a
+    dedicated kernel)."""
+
+    def __init__(self, k: CpuLinearKernel) -> None:
+        self.k = k
+        k.dense_weight()
+
+    def describe(self) -> str:
+        return "torch-dense"
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.k.dense_linear(x2)
+
+
+class _BitmaskImpl:
+    """The bitmask kernels (:mod:`.bitmask`) bound to one layer's arrays."""
+
+    def __init__(self, k: CpuLinearKernel) -> None:
+        self.k = k
+        a = k.packed.arrays()
+        self.vt = a.value_type
+        # numba has no float16 arrays: fp16 (like bf16) travels as its 16-bit patterns
+        self.vals = a.values.view(np.uint16) if a.values.dtype == np.float16 else a.values
+        if self.vals.shape[0] == 0:  # an all-zero layer: give the kernels one readable element
+            self.vals = np.zeros(1, dtype=self.vals.dtype)
+        self.bm = a.bitmask.reshape(-1)
+        if self.bm.shape[0] == 0:
+            self.bm = np.zeros(1, dtype=np.uint8)
+        rows, cols = k.rows, k.cols
+        self.nbytes = (cols + 7) // 8
+        self.offs = a.row_offsets.astype(np.int64, copy=False)
+        self.gs = int(a.group_size)
+        if a.scales is None:
+            self.scales, self.gstride = np.ones(1, dtype=np.float32), 1
+        else:
+            self.scales = np.ascontiguousarray(a.scales, dtype=np.float32).reshape(-1)
+            self.gstride = a.scales.shape[1] if a.scales.ndim == 2 else 1
+        counts = np.diff(np.append(self.offs, int(k.packed.nnz)))
+        # Small layers run on one thread: waking a second costs more than it saves.
+        threads = k.threads if rows * cols >= k.PARALLEL_MIN_WEIGHTS else 1
+        self.parts = balanced_row_split(counts, min(threads, max(rows, 1)), row_cost=cols / 64.0)
+        self.vector = host_features().vector_bitmask
+        # int4 scales must be uniform over a chunk: 64 columns (rows kernel), 16 (nnz kernel).
+        self.rows_ok = self.vector and (self.vt != "int4" or self.gs % 64 == 0)
+        self.nnz_ok = self.vector and (self.vt != "int4" or self.gs % 16 == 0)
+        _, self.W, _, _, _, self.g = bm_kernels._VT[self.vt]
+        self.nfull_w, rem = divmod(cols, self.W)
+        self.tail_w = (rem + 7) // 8
+        self.nfull_16, rem16 = divmod(cols, 16)
+        self.tail_16 = (rem16 + 7) // 8
+        self.cap = cols + 32
+        nparts = len(self.parts) - 1
+        self.ibuf = np.zeros(nparts * self.cap, dtype=np.int32)
+        self.vbuf = np.zeros(nparts * self.cap, dtype=np.float32)
+        self.obuf = np.zeros(nparts * 64, dtype=np.float32)
+        self._f1 = np.zeros(1, dtype=np.float32)
+        self._f2 = np.zeros((1, 1), dtype=np.float32)
+        self._d2 = np.zeros((1, 1), dtype=np.float64)
+        self.actc = bm_kernels.ACT_CODE[k.activation]
+        # Compile (or load from the disk cache) every function this layer can call, now.
+        gen = torch.Generator().manual_seed(0)
+        for B in self.warm_batches():
+            self.run(torch.randn(B, cols, generator=gen), charge=True)
+
+    def warm_batches(self) -> list[int]:
+        if not self.vector:
+            return [1]
+        out = [1, 2, 4] if self.rows_ok else []
+        if self.nnz_ok:
+            out += [16, 32, 64]
+        return out
+
+    def plan(self, B: int) -> tuple[str, int]:
+        """(family, tile) serving batch ``B``: rows tile 1/2/4, nnz lanes 1/2/4 x 16, or portable."""
+        if self.rows_ok and (B <= self.k.ROWS_MAX_BATCH or not self.nnz_ok):
+            return "rows", 1 if B == 1 else (2 if B == 2 else 4)
+        if self.nnz_ok:
+            return "nnz", 1 if B <= 16 else (2 if B <= 32 else 4)
+        return "portable", 0
+
+    def describe(self) -> str:
+        return f"bitmask-{'avx512' if self.vector else 'portable'}"
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        B = x2.shape[0]
+        if B >= self.k.DENSE_MIN_BATCH:
+            return self.k.dense_linear(x2)
+        if B > 64 and self.plan(B)[0] == "nnz":
+            return torch.cat([self.run(x2[i : i + 64], charge=False) for i in range(0, B, 64)])
+        return self.run(x2, charge=False)
+
+    def arrange_x(self, x2: torch.Tensor, Bp: int) -> torch.Tensor:
+        """``x`` padded to ``Bp`` rows and whole chunks, permuted so that lane ``j`` of vector ``k``
+        of a chunk is column ``g*j + k`` (``g`` = 1, 2 or 4: the lane order of the decode)."""
+        B, cols = x2.shape
+        W, g = self.W, self.g
+        nch = self.nfull_w + (1 if self.tail_w else 0)
+        xa = torch.zeros(Bp, nch * W, dtype=torch.float32)
+        xa[:B, :cols] = x2
+        if g > 1:
+            xa = xa.view(Bp, nch, W // g, g).transpose(2, 3).contiguous()
+        return xa.view(Bp, nch * W)
+
+    def run(self, x2: torch.Tensor, charge: bool) -> torch.Tensor:
+        k = self.k
+        B = x2.shape[0]
+        family, tile = self.plan(B)
+        fn = bm_kernels.kernel_function(self.vt, family, tile)
+        xa, xstride, xt, lw, xs, acc = self._f1, 0, self._f1, 0, self._f2, self._d2
+        Bp = B
+        if family == "rows":
+            Bp = -(-B // tile) * tile
+            xt_ = self.arrange_x(x2, Bp)
+            xa, xstride = xt_.reshape(-1).numpy(), xt_.shape[1]
+        elif family == "nnz":
+            lw = 16 * tile
+            xt_ = torch.zeros(k.cols, lw, dtype=torch.float32)
+            xt_[:, :B] = x2.t()
+            xt = xt_.reshape(-1).numpy()
+        else:
+            xs = x2.contiguous().numpy()
+            acc = np.zeros((len(self.parts) - 1, B), dtype=np.float64)
+        y = torch.empty(Bp, k.rows, dtype=torch.float32)
+        args = (
+            Bp,
+            self.vals,
+            self.bm,
+            self.nbytes,
+            self.offs,
+            self.scales,
+            self.gstride,
+            self.gs,
+            k._bias_np,
+            self.actc,
+            y.numpy(),
+            xa,
+            xstride,
+            self.nfull_w,
+            self.tail_w,
+            xt,
+            lw,
+            self.nfull_16,
+            self.tail_16,
+            self.ibuf,
+            self.vbuf,
+            self.obuf,
+            self.cap,
+            xs,
+            acc,
+        )
+        if charge and not fn.signatures:
+            t0 = time.perf_counter()
+            run_ranges(fn, self.parts, args)
+            k.compile_seconds += time.perf_counter() - t0
+        else:
+            run_ranges(fn, self.parts, args)
+        return y[:B] if Bp != B else y
