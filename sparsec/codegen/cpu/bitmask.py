@@ -29,19 +29,12 @@ object code that a loader threads itself.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.util
 import math
-import os
-import sys
-import threading
 
-import numba
 import numpy as np
 from numba import njit
 
-from sparsec.codegen.cpu.host import host_features
+from sparsec.codegen.cpu.codecache import generated_module
 
 #: Per value type: (kind code of ``simd.load_first_f32``, chunk width W, mask loader, expand-load,
 #: vectors per chunk, x layout group g: lanes of one vector are columns ``g*j + k``).
@@ -284,58 +277,12 @@ NNZ_LANES: tuple[int, ...] = (1, 2, 4)
 _JIT = dict(nogil=True, fastmath=True, boundscheck=False, error_model="numpy")
 
 
-# --------------------------------------------------------------------------- compile cache
-
-
-def _cache_dir() -> str:
-    root = os.environ.get("SPARSEC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparsec"
-    )
-    return os.path.join(root, "cpu-kernels")
-
-
-@functools.cache
-def _codegen_fingerprint() -> str:
-    """Hash of the code that shapes generated kernels: a change to it yields new module files, so
-    Numba's on-disk cache (keyed by file, blind to what a file imports) never serves stale code."""
-    h = hashlib.sha256()
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("bitmask.py", "simd.py", "host.py"):
-        with open(os.path.join(here, name), "rb") as f:
-            h.update(f.read())
-    h.update(numba.__version__.encode())
-    h.update(host_features().name.encode())
-    return h.hexdigest()[:16]
-
-
-_MODULES: dict[str, object] = {}
-_LOCK = threading.Lock()
+# --------------------------------------------------------------------------- compiled modules
 
 
 def kernel_module(vt: str):
-    """The generated module of value type ``vt``: written once under the cache directory and
-    imported, so that Numba caches its compiled functions on disk across processes."""
-    with _LOCK:
-        mod = _MODULES.get(vt)
-        if mod is not None:
-            return mod
-        src = module_source(vt)
-        tag = hashlib.sha256((src + _codegen_fingerprint()).encode()).hexdigest()[:16]
-        name = f"sparsec_bitmask_{vt}_{tag}"
-        path = os.path.join(_cache_dir(), name + ".py")
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(src)
-            os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        # Numba's disk cache re-imports a function's module by name when it loads one.
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        _MODULES[vt] = mod
-        return mod
+    """The generated module of value type ``vt`` (see :func:`.codecache.generated_module`)."""
+    return generated_module(f"bitmask_{vt}", lambda: module_source(vt))
 
 
 def kernel_function(vt: str, family: str, param: int = 0):
