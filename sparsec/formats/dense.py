@@ -38,7 +38,8 @@ from sparsec.formats.base import FormatError, PackedWeight, all_finite, register
 from sparsec.formats.values import DEFAULT_GROUP_SIZE, FLOAT_TYPES, dequantize, quantize, value_type_of
 
 
-def _pack_int4_rows(levels: torch.Tensor) -> torch.Tensor:
+def pack_int4_rows(levels: torch.Tensor) -> torch.Tensor:
+    """int8 levels ``[rows, cols]`` -> uint8 ``[rows, ceil(cols/2)]``, column ``2k`` in the low nibble."""
     rows, cols = levels.shape
     nib = levels.to(torch.uint8) & 0x0F
     if cols % 2:
@@ -47,7 +48,8 @@ def _pack_int4_rows(levels: torch.Tensor) -> torch.Tensor:
     return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).contiguous()
 
 
-def _unpack_int4_rows(packed: torch.Tensor, cols: int) -> torch.Tensor:
+def unpack_int4_rows(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_rows`: int8 levels ``[rows, cols]``."""
     rows = packed.shape[0]
     nib = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(rows, packed.shape[1] * 2)[:, :cols]
     return ((nib.to(torch.int16) ^ 8) - 8).to(torch.int8)
@@ -77,13 +79,13 @@ class DenseWeight(PackedWeight):
         group_size = group_size_of(options)
         w = prepare_weight(weight)
         levels, scales = quantize(w, value_type, group_size)
-        stored = _pack_int4_rows(levels) if value_type == "int4" else levels.contiguous()
+        stored = pack_int4_rows(levels) if value_type == "int4" else levels.contiguous()
         return cls(tuple(w.shape), value_type, stored, scales, group_size)
 
     def levels(self) -> torch.Tensor:
         """The ``[rows, cols]`` stored values (int8 levels for int8/int4), unpacked but not scaled."""
         if self.value_type == "int4":
-            return _unpack_int4_rows(self.weight, self.cols)
+            return unpack_int4_rows(self.weight, self.cols)
         return self.weight
 
     def unpack(self) -> torch.Tensor:
