@@ -162,6 +162,40 @@ def test_bitmask_random_shapes(rows, cols, density, value_type, batch, seed) -> 
     check(run(build_linear_kernel(packed), x), packed, x)
 
 
+def nm_weight(rows: int, cols: int, n: int, m: int, seed: int) -> torch.Tensor:
+    """Random N:M-sparse weight (largest N of every M kept), with one all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g).view(rows, cols // m, m)
+    keep = w.abs().topk(n, dim=2).indices
+    w = (w * torch.zeros_like(w, dtype=torch.bool).scatter_(2, keep, True)).view(rows, cols)
+    if rows >= 2:
+        w[1] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("value_type", ["fp32", "bf16", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 6])
+def test_nm_2_4_value_types(value_type: str, batch: int) -> None:
+    # 9 rows (not a multiple of 4), 76 columns: 38 values a row, so rows start mid-piece.
+    w = nm_weight(9, 76, 2, 4, seed=batch)
+    options = {"group_size": 12} if value_type == "int4" else {}
+    packed = pack(w, "nm", value_type, n=2, m=4, **options)
+    x = torch.randn(batch, 76, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(9)
+    y = run(build_linear_kernel(packed, bias=bias, activation="gelu"), x)
+    check(y, packed, x, bias, "gelu")
+
+
+@pytest.mark.parametrize(("n", "m", "value_type"), [(4, 8, "fp16"), (4, 8, "int4"), (1, 4, "int8")])
+def test_nm_other_patterns(n: int, m: int, value_type: str) -> None:
+    # 4:8 stores 3-bit positions, which straddle 32-bit words.
+    w = nm_weight(5, 96, n, m, seed=n * m)
+    options = {"group_size": 32} if value_type == "int4" else {}
+    packed = pack(w, "nm", value_type, n=n, m=m, **options)
+    x = torch.randn(3, 96).half()
+    check(run(build_linear_kernel(packed), x), packed, x)
+
+
 # -- bad inputs: one clear error each, nothing modified ------------------------------------------
 
 

@@ -33,13 +33,18 @@ import numpy as np
 from sparsec.codegen.cuda.device import (
     ACTIVATIONS,
     WARP,
-    bits_to_f32,
     cuda,
-    half_bits_to_f32,
     load_u64x2,
     warp_reduce_sum,
     warp_scan,
     warp_sync,
+)
+from sparsec.codegen.cuda.values import (
+    BATCH_BUCKETS,
+    VALUES_PER_WORD,
+    kernel_scales,
+    make_dequant,
+    pad_to_pieces,
 )
 
 #: Rows (warps) per thread block. Four warps keep a block small enough for many to be resident.
@@ -47,13 +52,7 @@ WARPS_PER_BLOCK = 4
 #: Mask words per tile: one per lane.
 TILE_WORDS = WARP
 TILE_COLS = TILE_WORDS * 64
-#: Batch sizes a kernel is specialized for; a batch is run by the smallest bucket that holds it.
-BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16)
 MAX_BATCH = BATCH_BUCKETS[-1]
-
-#: Stored values per 64-bit word, by value type.
-VALUES_PER_WORD = {"fp32": 2, "bf16": 4, "fp16": 4, "int8": 8, "int4": 16}
-_CODE = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}
 
 
 def batch_bucket(m: int) -> int:
@@ -94,21 +93,12 @@ def prepare_arrays(
     # The format numbers bits little-endian within a byte and bytes in column order, so the
     # bytes read as a little-endian uint64 put column 64*w + j at bit j of word w.
     mask = mask_bytes.view("<u8").astype(np.uint64)
-    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-    pieces = raw.size // 16 + 1  # at least one spare piece: the last load may run past the end
-    padded = np.zeros(pieces * 16, dtype=np.uint8)
-    padded[: raw.size] = raw
-    words = padded.view("<u8").astype(np.uint64)
+    words = pad_to_pieces(values)
     offsets = np.ascontiguousarray(row_offsets, dtype=np.int64).reshape(-1)
     if rows == 0:
         offsets = np.zeros(1, dtype=np.int64)
-    if value_type == "int8":
-        sc = np.asarray(scales, dtype=np.float32).reshape(rows, 1)
-    elif value_type == "int4":
-        sc = np.asarray(scales, dtype=np.float32).reshape(rows, -1)
-    else:
-        sc = np.zeros((1, 1), dtype=np.float32)
-    return BitmaskDeviceArrays(mask=mask, words=words, row_offsets=offsets, scales=np.ascontiguousarray(sc))
+    sc = kernel_scales(value_type, scales, rows)
+    return BitmaskDeviceArrays(mask=mask, words=words, row_offsets=offsets, scales=sc)
 
 
 def make_kernel(
@@ -127,11 +117,9 @@ def make_kernel(
     the weight arrays from :func:`prepare_arrays`, ``bias`` float32 ``[rows]`` (any float32
     array when ``has_bias`` is false).
     """
-    vt = _CODE[value_type]
+    vt = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}[value_type]
     per_word = VALUES_PER_WORD[value_type]
     per_piece = 2 * per_word
-    field_bits = 64 // per_word
-    field_mask = np.uint64((1 << field_bits) - 1)
     nwords = math.ceil(cols / 64)
     ntiles = math.ceil(nwords / TILE_WORDS)
     # Shared column lists: 2 bytes a column while every column number fits, 4 beyond that.
@@ -143,22 +131,7 @@ def make_kernel(
     tile_words = TILE_WORDS
     one = np.uint64(1)
 
-    @cuda.jit(device=True, inline=True)
-    def dequant(word, e):
-        """Value ``e`` of a 64-bit word of stored values, as float32 (int types: the level)."""
-        field = (word >> np.uint64(field_bits * e)) & field_mask
-        if vt == 0:
-            return bits_to_f32(field)
-        if vt == 1:
-            return bits_to_f32(field << np.uint64(16))
-        if vt == 2:
-            return half_bits_to_f32(field)
-        q = np.int32(field)
-        if vt == 3:
-            q -= (q & 0x80) << 1  # sign-extend 8 bits
-        else:
-            q -= (q & 0x8) << 1  # sign-extend 4 bits
-        return np.float32(q)
+    dequant = make_dequant(value_type)
 
     @cuda.jit(device=True, inline=True)
     def fma_piece(acc, lo, hi, first, j_lo, j_hi, seen, x, last, scales, row):

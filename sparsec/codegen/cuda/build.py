@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 from sparsec.codegen.cuda import bitmask as bitmask_kernels
+from sparsec.codegen.cuda import nm as nm_kernels
 from sparsec.codegen.cuda.kernel import CudaLinearKernel, KernelSpec
+from sparsec.codegen.cuda.values import BATCH_BUCKETS
 from sparsec.formats.base import PackedWeight
 
 
@@ -51,12 +53,51 @@ def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool) 
         make=make,
         rows_per_block=bitmask_kernels.WARPS_PER_BLOCK,
         threads_per_block=32 * bitmask_kernels.WARPS_PER_BLOCK,
-        buckets=bitmask_kernels.BATCH_BUCKETS,
+        buckets=BATCH_BUCKETS,
         cache_key=key,
     )
 
 
-_SPECS = {"bitmask": _bitmask_spec}
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a tensor of any dtype (bf16 included, which NumPy lacks), as uint8."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _nm_spec(packed: PackedWeight, activation: str | None, has_bias: bool) -> KernelSpec:
+    p = packed
+    rows, cols, n, m, vt = p.rows, p.cols, int(p.n), int(p.m), p.value_type  # type: ignore[attr-defined]
+    scales = None if p.scales is None else p.scales.detach().numpy()  # type: ignore[attr-defined]
+    arrays = nm_kernels.prepare_arrays(
+        rows,
+        cols,
+        n,
+        m,
+        vt,
+        _tensor_bytes(p.values),
+        p.indices.numpy(),
+        scales,  # type: ignore[attr-defined]
+    )
+    group_size = int(p.group_size) if vt == "int4" else 1  # type: ignore[attr-defined]
+    key = ("nm", vt, cols, n, m, activation, has_bias, group_size)
+
+    def make(bucket: int):
+        return nm_kernels.make_kernel(vt, cols, n, m, bucket, activation, has_bias, group_size)
+
+    return KernelSpec(
+        format_name="nm",
+        value_type=vt,
+        rows=rows,
+        cols=cols,
+        arrays=(arrays.positions, arrays.words, arrays.scales),
+        make=make,
+        rows_per_block=nm_kernels.WARPS_PER_BLOCK,
+        threads_per_block=32 * nm_kernels.WARPS_PER_BLOCK,
+        buckets=BATCH_BUCKETS,
+        cache_key=key,
+    )
+
+
+_SPECS = {"bitmask": _bitmask_spec, "nm": _nm_spec}
 
 
 def build(packed: PackedWeight, bias: Any, activation: str | None) -> CudaLinearKernel:

@@ -1,0 +1,67 @@
+"""Stored values in registers: the dequantization every CUDA kernel here shares.
+
+Kernels read stored values 16 bytes at a time as two uint64 words (see ``device.load_u64x2``);
+:func:`make_dequant` returns the device function that takes value ``e`` out of such a word, in
+the layout of :mod:`sparsec.formats.values`: fp32/fp16/bf16 bit patterns, int8 levels, or int4
+levels two a byte (value ``2k`` in the low nibble), all little-endian, so value ``e`` of a word
+sits at bits ``e * (64 / per_word)`` upwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sparsec.codegen.cuda.device import bits_to_f32, cuda, half_bits_to_f32
+
+#: Stored values per 64-bit word, by value type.
+VALUES_PER_WORD = {"fp32": 2, "bf16": 4, "fp16": 4, "int8": 8, "int4": 16}
+#: Batch sizes a kernel is specialized for; a batch runs in the smallest bucket that holds it.
+BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+def make_dequant(value_type: str):
+    """Device function ``dequant(word, e) -> float32``: value ``e`` of a uint64 word.
+
+    Float types give the value; int8/int4 give the signed level (the caller applies scales).
+    """
+    code = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}[value_type]
+    field_bits = 64 // VALUES_PER_WORD[value_type]
+    field_mask = np.uint64((1 << field_bits) - 1)
+
+    @cuda.jit(device=True, inline=True)
+    def dequant(word, e):
+        field = (word >> np.uint64(field_bits * e)) & field_mask
+        if code == 0:
+            return bits_to_f32(field)
+        if code == 1:
+            return bits_to_f32(field << np.uint64(16))
+        if code == 2:
+            return half_bits_to_f32(field)
+        q = np.int32(field)
+        if code == 3:
+            q -= (q & 0x80) << 1  # sign-extend 8 bits
+        else:
+            q -= (q & 0x8) << 1  # sign-extend 4 bits
+        return np.float32(q)
+
+    return dequant
+
+
+def pad_to_pieces(raw: np.ndarray) -> np.ndarray:
+    """Bytes of stored values as uint64 words, padded to whole 16-byte pieces plus one spare
+    piece (an aligned 16-byte load may run past the last value)."""
+    raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    pieces = raw.size // 16 + 1
+    padded = np.zeros(pieces * 16, dtype=np.uint8)
+    padded[: raw.size] = raw
+    return padded.view("<u8").astype(np.uint64)
+
+
+def kernel_scales(value_type: str, scales: np.ndarray | None, rows: int) -> np.ndarray:
+    """Scales as the kernels read them: float32 ``[rows, G]`` (int8: ``G = 1``; float types:
+    a ``[1, 1]`` placeholder that is never read)."""
+    if value_type == "int8":
+        return np.ascontiguousarray(np.asarray(scales, dtype=np.float32).reshape(rows, 1))
+    if value_type == "int4":
+        return np.ascontiguousarray(np.asarray(scales, dtype=np.float32).reshape(rows, -1))
+    return np.zeros((1, 1), dtype=np.float32)
