@@ -79,7 +79,18 @@ class CpuLinearKernel:
     #: layers with fewer dense positions than this run on one thread.
     PARALLEL_MIN_WEIGHTS = 1 << 16
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, activation: str | None) -> None:
+    def __init__(
+        self,
+        packed: PackedWeight,
+        bias: torch.Tensor | None,
+        activation: str | None,
+        *,
+        vector: bool | None = None,
+        parallel_min_weights: int | None = None,
+    ) -> None:
+        """``vector``: force the AVX-512 (``True``, only on a CPU that has it) or the portable
+        (``False``) bitmask kernels; ``None`` lets the host CPU decide. ``parallel_min_weights``:
+        override :attr:`PARALLEL_MIN_WEIGHTS` for this layer."""
         if not isinstance(packed, PackedWeight):
             raise KernelError(
                 "build_linear_kernel needs a PackedWeight (from sparsec.formats.pack), "
@@ -97,6 +108,14 @@ class CpuLinearKernel:
         self._dense: torch.Tensor | None = None
         self.compile_seconds = 0.0
         self.threads = cpu_threads()
+        if parallel_min_weights is not None:
+            self.PARALLEL_MIN_WEIGHTS = parallel_min_weights
+        has = host_features().vector_bitmask
+        if vector and not has:
+            raise KernelError(
+                "this CPU lacks AVX-512 (F/BW/VBMI/VBMI2): use the portable kernels (vector=False)"
+            )
+        self.vector = has if vector is None else bool(vector)
         t0 = time.perf_counter()
         self._impl = self._bind()
         self.build_seconds = time.perf_counter() - t0
@@ -199,7 +218,7 @@ class _BitmaskImpl:
         # Small layers run on one thread: waking a second costs more than it saves.
         threads = k.threads if rows * cols >= k.PARALLEL_MIN_WEIGHTS else 1
         self.parts = balanced_row_split(counts, min(threads, max(rows, 1)), row_cost=cols / 64.0)
-        self.vector = host_features().vector_bitmask
+        self.vector = k.vector
         # int4 scales must be uniform over a chunk: 64 columns (rows kernel), 16 (nnz kernel).
         self.rows_ok = self.vector and (self.vt != "int4" or self.gs % 64 == 0)
         self.nnz_ok = self.vector and (self.vt != "int4" or self.gs % 16 == 0)
