@@ -196,6 +196,17 @@ def test_nm_other_patterns(n: int, m: int, value_type: str) -> None:
     check(run(build_linear_kernel(packed), x), packed, x)
 
 
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0), (2, 8)])
+@pytest.mark.parametrize("fmt", ["bitmask", "nm"])
+def test_degenerate_layers_give_activation_of_bias(shape, fmt) -> None:
+    # No rows, no columns, or an all-zero weight: y = act(bias) exactly, shape [batch, rows].
+    bias = torch.linspace(-1.0, 1.0, shape[0])
+    kernel = build_linear_kernel(pack(torch.zeros(shape), fmt, "int4"), bias=bias, activation="relu")
+    y = run(kernel, torch.randn(2, shape[1]))
+    assert y.shape == (2, shape[0])
+    assert torch.equal(y, torch.relu(bias).expand(2, -1))
+
+
 # -- bad inputs: one clear error each, nothing modified ------------------------------------------
 
 

@@ -128,8 +128,12 @@ class CudaLinearKernel:
             )
         self._check_shape(x.shape)
         lead = x.shape[:-1]
-        x2 = np.ascontiguousarray(x.reshape(-1, self.cols))
+        x2 = np.ascontiguousarray(x.reshape(math.prod(lead), self.cols))
         y2 = np.empty((x2.shape[0], self.rows), dtype=x.dtype)
+        if self.rows == 0 or x2.shape[0] == 0:
+            return y2.reshape(*lead, self.rows)
+        if self.cols == 0:  # the kernel reads no column; give it a valid one-column array
+            x2 = np.zeros((x2.shape[0], 1), dtype=x.dtype)
         for s in range(0, x2.shape[0], self._spec.buckets[-1]):
             chunk = x2[s : s + self._spec.buckets[-1]]
             out = y2[s : s + chunk.shape[0]]
@@ -153,11 +157,15 @@ class CudaLinearKernel:
                 f"move x there with x.to('cuda:{self.device_index}')"
             )
         lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, self.cols)
+        x2 = x.detach().reshape(math.prod(lead), self.cols)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         m_total = x2.shape[0]
         y2 = torch.empty((m_total, self.rows), dtype=x.dtype, device=x.device)
+        if self.rows == 0 or m_total == 0:  # nothing to compute; zero-size arrays have no pointer
+            return y2.reshape(*lead, self.rows)
+        if self.cols == 0:  # the kernel reads no column; give it a valid one-column array
+            x2 = x2.new_zeros((m_total, 1))
         stream = self._stream_for(torch.cuda.current_stream(x.device).cuda_stream)
         step = self._spec.buckets[-1]
         for s in range(0, m_total, step):

@@ -60,8 +60,7 @@ def pad_to_pieces(raw: np.ndarray) -> np.ndarray:
 def kernel_scales(value_type: str, scales: np.ndarray | None, rows: int) -> np.ndarray:
     """Scales as the kernels read them: float32 ``[rows, G]`` (int8: ``G = 1``; float types:
     a ``[1, 1]`` placeholder that is never read)."""
-    if value_type == "int8":
-        return np.ascontiguousarray(np.asarray(scales, dtype=np.float32).reshape(rows, 1))
-    if value_type == "int4":
-        return np.ascontiguousarray(np.asarray(scales, dtype=np.float32).reshape(rows, -1))
-    return np.zeros((1, 1), dtype=np.float32)
+    if value_type not in ("int8", "int4") or rows == 0:
+        return np.zeros((1, 1), dtype=np.float32)
+    sc = np.asarray(scales, dtype=np.float32)
+    return np.ascontiguousarray(sc.reshape(rows, sc.size // rows))
