@@ -122,9 +122,7 @@ def read_scales(
     want = scales_shape(value_type, rows, cols, group_size)
     if want is None:
         if name in tensors:
-            raise FormatError(
-                f"tensor {name!r} is present but the values are {value_type}, which has no scales"
-            )
+            raise FormatError(f"tensor {name!r} is present but the values are {value_type}, which has no scales")
         return None
     t = require(tensors, name)
     require_dtype(t, name, torch.float32)

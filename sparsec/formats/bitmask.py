@@ -104,11 +104,11 @@ class BitmaskWeight(PackedWeight):
 
     @classmethod
     def pack(cls, weight: torch.Tensor, value_type: str = "fp32", **options) -> BitmaskWeight:
-        check_options(options, ("group_size",), "bitmask")
+        check_options(options, ("group_size", "scales"), "bitmask")
         group_size = group_size_of(options)
         w = prepare_weight(weight)
         rows, cols = w.shape
-        levels, scales = quantize(w, value_type, group_size)
+        levels, scales = quantize(w, value_type, group_size, options.get("scales"))
         mask = w != 0
         counts = mask.sum(dim=1)
         row_offsets = torch.cumsum(counts, 0) - counts
@@ -154,9 +154,7 @@ class BitmaskWeight(PackedWeight):
         bitmask = bitmask.contiguous()
         mask = unpack_bits(bitmask, cols)
         if cols % 8 and rows and (bitmask[:, -1] >> (cols % 8)).any():
-            raise FormatError(
-                f"tensor {name!r} has bits set past column {cols} (the padding bits must be zero)"
-            )
+            raise FormatError(f"tensor {name!r} has bits set past column {cols} (the padding bits must be zero)")
         counts = mask.sum(dim=1)
         name = f"{prefix}.row_offsets"
         row_offsets = require(tensors, name)
@@ -172,9 +170,7 @@ class BitmaskWeight(PackedWeight):
         nnz = int(counts.sum())
         compressed, value_type = read_values(tensors, f"{prefix}.compressed", nnz)
         scales = read_scales(tensors, prefix, value_type, rows, cols, group_size)
-        return cls(
-            (rows, cols), value_type, compressed, bitmask, row_offsets.contiguous(), scales, group_size
-        )
+        return cls((rows, cols), value_type, compressed, bitmask, row_offsets.contiguous(), scales, group_size)
 
     def arrays(self) -> BitmaskArrays:
         """numpy views of the stored tensors, for kernels (see :class:`BitmaskArrays`)."""

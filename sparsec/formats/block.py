@@ -106,13 +106,13 @@ class BlockWeight(PackedWeight):
 
     @classmethod
     def pack(cls, weight: torch.Tensor, value_type: str = "fp32", **options) -> BlockWeight:
-        check_options(options, _OPTIONS, "block")
+        check_options(options, (*_OPTIONS, "scales"), "block")
         br, bc = parse_block_shape(options.get("block_shape", DEFAULT_BLOCK_SHAPE))
         group_size = group_size_of(options)
         w = prepare_weight(weight)
         rows, cols = w.shape
         rb, cb = math.ceil(rows / br), math.ceil(cols / bc)
-        levels, scales = quantize(w, value_type, group_size)
+        levels, scales = quantize(w, value_type, group_size, options.get("scales"))
         pad = (0, cb * bc - cols, 0, rb * br - rows)
         tiles = torch.nn.functional.pad(levels, pad).view(rb, br, cb, bc).permute(0, 2, 1, 3)
         nonzero = torch.nn.functional.pad((w != 0).to(torch.uint8), pad).view(rb, br, cb, bc)
@@ -180,9 +180,7 @@ class BlockWeight(PackedWeight):
         nblocks = int(counts.sum())
         values, value_type = read_values(tensors, f"{prefix}.values", nblocks * br * bc)
         scales = read_scales(tensors, prefix, value_type, rows, cols, group_size)
-        out = cls(
-            (rows, cols), value_type, (br, bc), values, block_mask, offsets.contiguous(), scales, group_size
-        )
+        out = cls((rows, cols), value_type, (br, bc), values, block_mask, offsets.contiguous(), scales, group_size)
         if (rows % br or cols % bc) and nblocks:
             # Edge blocks pad past the matrix; a value stored there would be silently dropped.
             kept = out.kept_blocks()
@@ -191,9 +189,7 @@ class BlockWeight(PackedWeight):
             tiles[kept] = vals.view(nblocks, br, bc)
             full = tiles.permute(0, 2, 1, 3).reshape(rb * br, cb * bc)
             if full[rows:].any() or full[:, cols:].any():
-                raise FormatError(
-                    f"tensor '{prefix}.values' holds nonzero values in the padding past the matrix edge"
-                )
+                raise FormatError(f"tensor '{prefix}.values' holds nonzero values in the padding past the matrix edge")
         return out
 
     def __repr__(self) -> str:

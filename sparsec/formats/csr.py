@@ -80,11 +80,11 @@ class CsrWeight(PackedWeight):
 
     @classmethod
     def pack(cls, weight: torch.Tensor, value_type: str = "fp32", **options) -> CsrWeight:
-        check_options(options, ("group_size",), "csr")
+        check_options(options, ("group_size", "scales"), "csr")
         group_size = group_size_of(options)
         w = prepare_weight(weight)
         rows, cols = w.shape
-        levels, scales = quantize(w, value_type, group_size)
+        levels, scales = quantize(w, value_type, group_size, options.get("scales"))
         mask = w != 0
         counts = mask.sum(dim=1)
         nnz = int(counts.sum())
@@ -155,9 +155,7 @@ class CsrWeight(PackedWeight):
             raise FormatError(f"tensor {name!r} has columns that do not strictly increase within a row")
         values, value_type = read_values(tensors, f"{prefix}.values", nnz)
         scales = read_scales(tensors, prefix, value_type, rows, cols, group_size)
-        return cls(
-            (rows, cols), value_type, indptr.contiguous(), indices.contiguous(), values, scales, group_size
-        )
+        return cls((rows, cols), value_type, indptr.contiguous(), indices.contiguous(), values, scales, group_size)
 
     def __repr__(self) -> str:
         return f"CsrWeight(shape={self.shape}, value_type={self.value_type!r}, nnz={self.nnz})"

@@ -75,10 +75,10 @@ class DenseWeight(PackedWeight):
 
     @classmethod
     def pack(cls, weight: torch.Tensor, value_type: str = "fp32", **options) -> DenseWeight:
-        check_options(options, ("group_size",), "dense")
+        check_options(options, ("group_size", "scales"), "dense")
         group_size = group_size_of(options)
         w = prepare_weight(weight)
-        levels, scales = quantize(w, value_type, group_size)
+        levels, scales = quantize(w, value_type, group_size, options.get("scales"))
         stored = pack_int4_rows(levels) if value_type == "int4" else levels.contiguous()
         return cls(tuple(w.shape), value_type, stored, scales, group_size)
 

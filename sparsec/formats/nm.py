@@ -138,7 +138,7 @@ class NmWeight(PackedWeight):
 
     @classmethod
     def pack(cls, weight: torch.Tensor, value_type: str = "fp32", **options) -> NmWeight:
-        check_options(options, _OPTIONS, "nm")
+        check_options(options, (*_OPTIONS, "scales"), "nm")
         n, m = _check_nm(options.get("n", 2), options.get("m", 4))
         group_size = group_size_of(options)
         w = prepare_weight(weight)
@@ -153,7 +153,7 @@ class NmWeight(PackedWeight):
                 f"weight is not {n}:{m} sparse: row {r}, columns {g * m}..{g * m + m - 1} keep "
                 f"{k} nonzeros (at most {n} allowed); prune it to {n}:{m} first"
             )
-        levels, scales = quantize(w, value_type, group_size)
+        levels, scales = quantize(w, value_type, group_size, options.get("scales"))
         picked = levels.view(rows, groups, m).gather(2, positions.to(torch.int64))
         values = encode(picked.reshape(-1), value_type)
         indices = pack_fields(positions.view(rows, groups * n), index_bits(m))
@@ -202,9 +202,7 @@ class NmWeight(PackedWeight):
         name = f"{prefix}.indices"
         indices = require(tensors, name)
         require_dtype(indices, name, torch.uint8)
-        require_shape(
-            indices, name, (rows, (k * bits + 7) // 8), f"{k} positions of {bits} bits a row for {n}:{m}"
-        )
+        require_shape(indices, name, (rows, (k * bits + 7) // 8), f"{k} positions of {bits} bits a row for {n}:{m}")
         indices = indices.contiguous()
         pos = unpack_fields(indices, k, bits).view(rows, cols // m, n)
         if (pos >= m).any() or (n > 1 and (pos[:, :, 1:] <= pos[:, :, :-1]).any()):

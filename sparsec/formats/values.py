@@ -54,9 +54,7 @@ def value_type_of(dtype: torch.dtype, name: str) -> str:
         return _VALUE_TYPE_OF_DTYPE[dtype]
     except KeyError:
         allowed = ", ".join(str(d) for d in STORAGE_DTYPE.values())
-        raise FormatError(
-            f"tensor {name!r} has dtype {dtype}; stored values must be one of {allowed}"
-        ) from None
+        raise FormatError(f"tensor {name!r} has dtype {dtype}; stored values must be one of {allowed}") from None
 
 
 def scales_shape(value_type: str, rows: int, cols: int, group_size: int) -> tuple[int, ...] | None:
@@ -69,7 +67,10 @@ def scales_shape(value_type: str, rows: int, cols: int, group_size: int) -> tupl
 
 
 def quantize(
-    weight: torch.Tensor, value_type: str, group_size: int = DEFAULT_GROUP_SIZE
+    weight: torch.Tensor,
+    value_type: str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantize a dense masked ``[rows, cols]`` weight to ``value_type``.
 
@@ -78,11 +79,17 @@ def quantize(
     quantized levels (int4 levels not yet packed) and ``scales`` is float32 (see module doc).
     Zeros map to zeros in every value type. Raises :class:`FormatError` when a value does not fit
     (e.g. ``|w| > 65504`` for fp16).
+
+    ``scales`` (int8/int4 only) imposes the scales instead of deriving them from ``weight``: a
+    weight already on a quantization grid (GPTQ's output) then packs back to exactly its levels,
+    even where its largest value no longer reaches the top level. Levels are still clamped.
     """
     check_value_type(value_type)
     rows, cols = weight.shape
     w = weight.detach().to(torch.float32)
     if value_type in FLOAT_TYPES:
+        if scales is not None:
+            raise FormatError(f"scales apply to int8/int4 values, not {value_type}")
         out = w.to(STORAGE_DTYPE[value_type])
         if not all_finite(out):
             raise FormatError(
@@ -90,6 +97,16 @@ def quantize(
                 "store it as fp32 or bf16"
             )
         return out, None
+    if scales is not None:
+        want = scales_shape(value_type, rows, cols, group_size)
+        if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != want:
+            got = tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
+            raise FormatError(
+                f"scales for {value_type} values of a {rows}x{cols} weight must have shape {want}, got {got}"
+            )
+        scales = scales.detach().to("cpu", torch.float32)
+        if not all_finite(scales) or bool((scales < 0).any()):
+            raise FormatError("scales must be finite and non-negative")
     if value_type == "int8":
         grouped, qmin, qmax = w.view(rows, 1, cols), -INT8_QMAX, INT8_QMAX
     else:
@@ -98,7 +115,9 @@ def quantize(
         pad = groups * group_size - cols
         padded = torch.nn.functional.pad(w, (0, pad)) if pad else w
         grouped, qmin, qmax = padded.view(rows, groups, group_size), INT4_QMIN, INT4_QMAX
-    if grouped.numel():
+    if scales is not None:
+        scales = scales.reshape(grouped.shape[:2])
+    elif grouped.numel():
         lo, hi = torch.aminmax(grouped, dim=2)
         scales = torch.maximum(-lo, hi) / qmax
     else:
