@@ -29,11 +29,14 @@ MASK = "sparsec.mask"
 #: ``{"criterion": str, "sparsity": float, "target": float | None, ...}``: how the mask was chosen.
 PRUNE = "sparsec.prune"
 
-#: ``{"bits": int, "group": int | None, "method": str}``: quantization applied to this layer's weight.
+#: ``{"bits": int, "group": int | None, "method": str, "scales": Tensor}``: quantization applied to this
+#: layer's weight (``scales`` float32 ``[out]`` for 8 bits, ``[out, ceil(in/group)]`` for 4; lowering
+#: packs with them so the stored levels are exactly the quantized weight's).
 QUANT = "sparsec.quant"
 
-#: ``{"format": str, "value_type": str, "estimates": {candidate: cost}, "reason": str}``: the
-#: storage format chosen for this layer by ``select-format``.
+#: ``{"format": str, "value_type": str, "options": dict, "estimates": {candidate: cost}, "reason": str}``:
+#: the storage format chosen for this layer by ``select-format`` (``options`` are the format's pack
+#: options, e.g. ``{"n": 2, "m": 4}`` or ``{"block_shape": (4, 4)}``).
 FORMAT = "sparsec.format"
 
 #: ``{"bias": bool, "activation": str | None, "swiglu_partner": str | None}``: epilogue fused into

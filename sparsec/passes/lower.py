@@ -53,12 +53,27 @@ class _Lower(Pass):
             if meta.MASK in node.meta:
                 weight = weight * layer.as_matrix(gm.get_buffer(node.meta[meta.MASK]))
             options = {"group_size": group} if vt == "int4" else {}
+            options.update(self._pack_options(node, fmt, vt, group))
             packed = pack(weight.float().contiguous(), fmt, value_type=vt, **options)
             node.meta[meta.LOWERING] = {"target": self.target, "format": fmt, "value_type": vt,
                                         "group_size": group if vt == "int4" else None}
             node.meta[meta.PACKED] = packed
             lowered += 1
         return PassResult(gm, modified=lowered > 0)
+
+    @staticmethod
+    def _pack_options(node: fx.Node, fmt: str, vt: str, group: int) -> dict:
+        """Format options chosen by select-format (n/m, block_shape) and the scales quantize used,
+        so a GPTQ weight packs back to exactly its levels; only where they apply to this choice."""
+        out = {}
+        decided = node.meta.get(meta.FORMAT, {})
+        if decided.get("format") == fmt:
+            out.update(decided.get("options", {}))
+        quant = node.meta.get(meta.QUANT, {})
+        bits = {"int8": 8, "int4": 4}.get(vt)
+        if quant.get("scales") is not None and quant.get("bits") == bits and (bits == 8 or quant.get("group") == group):
+            out["scales"] = quant["scales"]
+        return out
 
     def _choose(self, node: fx.Node) -> tuple[str, str, int]:
         decided = node.meta.get(meta.FORMAT, {})
