@@ -36,10 +36,14 @@ from sparsec.formats import pack  # noqa: E402
 
 USABLE, WHY = cuda_available()
 if USABLE:
+    from sparsec.codegen.cuda._compat import is_simulator
     from sparsec.codegen.cuda.device import cuda
 
+    SIMULATED = is_simulator()
+    if not SIMULATED and not torch.cuda.is_available():
+        USABLE, WHY = False, "a GPU is present but torch has no CUDA support to hand it tensors"
+ON_GPU = USABLE and not SIMULATED
 pytestmark = pytest.mark.skipif(not USABLE, reason=f"no CUDA target: {WHY}")
-ON_GPU = USABLE and torch.cuda.is_available()
 
 TOL = 2e-6
 ACTS = {
