@@ -169,13 +169,27 @@ def make_kernel(
         start = row_offsets[row] if live else row_offsets[0]
         # Every warp runs the same number of tiles even past the last row: the collectives
         # inside must be reached by the whole block (see device.py).
+        # Loads are issued one step ahead of their use (the next tile's mask word, the next
+        # 16-byte piece), so each lane keeps two loads in flight instead of waiting on each.
+        zero = np.uint64(0)
+        next_word = zero
+        if live and lane < nwords:
+            next_word = mask[row, lane]
         for t in range(ntiles):
+            word = next_word
             wi = t * tile_words + lane
-            word = np.uint64(0)
-            if live and wi < nwords:
-                word = mask[row, wi]
+            next_word = zero
+            if live and wi + tile_words < nwords:
+                next_word = mask[row, wi + tile_words]
             count = np.int32(cuda.popc(word))
             before, total = warp_scan(count, lane, scan_scratch[warp])
+            end = start + total
+            piece = start // per_piece + lane
+            last_piece = (end - 1) // per_piece if total > 0 else piece - 1
+            lo = zero
+            hi = zero
+            if piece <= last_piece:
+                lo, hi = load_u64x2(words, piece)
             seen = cols_seen[warp]
             pos = before
             col0 = wi * 64
@@ -186,19 +200,21 @@ def make_kernel(
                 pos += 1
                 rest ^= low
             warp_sync()
-            end = start + total
-            if total > 0:
-                piece = start // per_piece + lane
-                last_piece = (end - 1) // per_piece
-                while piece <= last_piece:
-                    lo, hi = load_u64x2(words, piece)
-                    first = piece * per_piece - start  # position of the piece in the tile
-                    if first >= 0 and first + per_piece <= total:
-                        # Interior piece: constant bounds, so every check folds away.
-                        fma_piece(acc, lo, hi, first, 0, per_piece, seen, x, last, scales, row)
-                    else:
-                        fma_piece(acc, lo, hi, first, -first, total - first, seen, x, last, scales, row)
-                    piece += WARP
+            while piece <= last_piece:
+                following = piece + WARP
+                next_lo = zero
+                next_hi = zero
+                if following <= last_piece:
+                    next_lo, next_hi = load_u64x2(words, following)
+                first = piece * per_piece - start  # position of the piece in the tile
+                if first >= 0 and first + per_piece <= total:
+                    # Interior piece: constant bounds, so every check folds away.
+                    fma_piece(acc, lo, hi, first, 0, per_piece, seen, x, last, scales, row)
+                else:
+                    fma_piece(acc, lo, hi, first, -first, total - first, seen, x, last, scales, row)
+                lo = next_lo
+                hi = next_hi
+                piece = following
             warp_sync()
             start = end
         for b in range(batch):

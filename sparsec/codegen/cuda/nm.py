@@ -129,14 +129,26 @@ def make_kernel(
             end = start + k_row
             piece = start // per_piece + lane
             last_piece = (end - 1) // per_piece
-            while piece <= last_piece:
+            zero = np.uint64(0)
+            lo = zero
+            hi = zero
+            if piece <= last_piece:
                 lo, hi = load_u64x2(words, piece)
+            while piece <= last_piece:
+                # The next piece is loaded before this one is used: two loads in flight a lane.
+                following = piece + WARP
+                next_lo = zero
+                next_hi = zero
+                if following <= last_piece:
+                    next_lo, next_hi = load_u64x2(words, following)
                 first = piece * per_piece - start
                 if first >= 0 and first + per_piece <= k_row:
                     fma_piece(acc, lo, hi, first, 0, per_piece, positions, row, x, last, scales)
                 else:
                     fma_piece(acc, lo, hi, first, -first, k_row - first, positions, row, x, last, scales)
-                piece += WARP
+                lo = next_lo
+                hi = next_hi
+                piece = following
         # Reached by every warp of the block, live or not (see device.py).
         for b in range(batch):
             s = warp_reduce_sum(acc[b], lane, sum_scratch[warp])
