@@ -20,7 +20,7 @@ it in a real decode loop).
 
 Usage::
 
-    python benchmarks/gpu_kernels.py              # full grid (a few minutes on an H100/H200)
+    python benchmarks/gpu_kernels.py              # full grid incl. 2:4 (a few minutes on an H100/H200)
     python benchmarks/gpu_kernels.py --quick      # a subset (about a minute)
     python benchmarks/gpu_kernels.py --simulate   # tiny shapes on the CUDA simulator, no GPU
     python benchmarks/gpu_kernels.py --json out.json
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 
 FULL = {
     "shapes": [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)],
-    "sparsities": [0.5, 0.7, 0.75, 0.9],
+    "sparsities": [0.5, 0.7, 0.75, 0.9, "2:4"],
     "batches": [1, 4, 16],
     "value_types": ["fp16", "int8", "int4"],
 }
@@ -52,8 +52,8 @@ QUICK = {
     "value_types": ["fp16", "int8", "int4"],
 }
 SIMULATE = {
-    "shapes": [(6, 70), (9, 130)],
-    "sparsities": [0.5, 0.9],
+    "shapes": [(6, 72), (9, 128)],
+    "sparsities": [0.5, 0.9, "2:4"],
     "batches": [1, 4],
     "value_types": ["fp16", "int8", "int4"],
 }
@@ -64,7 +64,7 @@ INT4_GROUP = 128
 class Row:
     rows: int
     cols: int
-    sparsity: float
+    sparsity: float | str
     value_type: str
     batch: int
     bits_per_weight: float
@@ -104,14 +104,30 @@ def no_gpu_reason(torch) -> str | None:
     return None if ok else why
 
 
-def random_weight(torch, rows: int, cols: int, sparsity: float, gen):
-    """Random fp32 weight with exactly ``round(sparsity * cols)`` zeros per row (unstructured)."""
-    w = torch.randn(rows, cols, generator=gen)
+def random_weight(torch, rows: int, cols: int, sparsity, gen):
+    """Random fp32 weight on the generator's device: ``sparsity`` a fraction (exactly
+    ``round(sparsity * cols)`` zeros a row, unstructured) or ``"N:M"`` (the N largest of every
+    M consecutive columns kept)."""
+    w = torch.randn(rows, cols, generator=gen, device=gen.device)
+    if isinstance(sparsity, str):
+        n, m = (int(v) for v in sparsity.split(":"))
+        groups = w.view(rows, cols // m, m)
+        keep = groups.abs().topk(n, dim=2).indices
+        return (groups * torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep, True)).view(rows, cols)
     k = int(round(sparsity * cols))
     if k:
-        drop = torch.rand(rows, cols, generator=gen).argsort(dim=1)[:, :k]
+        drop = torch.rand(rows, cols, generator=gen, device=gen.device).argsort(dim=1)[:, :k]
         w.scatter_(1, drop, 0.0)
     return w
+
+
+def pack_for(pack, w, sparsity, value_type: str, group: int):
+    """``nm`` for an ``"N:M"`` sparsity, ``bitmask`` otherwise."""
+    options = {"group_size": group} if value_type == "int4" else {}
+    if isinstance(sparsity, str):
+        n, m = (int(v) for v in sparsity.split(":"))
+        return pack(w, "nm", value_type, n=n, m=m, **options)
+    return pack(w, "bitmask", value_type, **options)
 
 
 def check_output(torch, y, x, w_ref) -> float:
@@ -213,22 +229,22 @@ def run_gpu(args, grid) -> list[Row]:
     bw = bandwidth_gbs(torch)
     print(f"device: {props.name}, L2 {l2 / 2**20:.0f} MiB, copy bandwidth {bw:.0f} GB/s (read + write)")
     timer = GpuTimer(torch, args.repeats, args.block)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
     results: list[Row] = []
     for rows, cols in grid["shapes"]:
         dense_bytes = rows * cols * 2
         n_dense = max(2, math.ceil(4 * l2 / dense_bytes))
         for sparsity in grid["sparsities"]:
             w = random_weight(torch, rows, cols, sparsity, gen)
-            dense = [w.to("cuda", torch.float16) for _ in range(n_dense)]
+            dense = [w.to(torch.float16) for _ in range(n_dense)]
+            w = w.cpu()
             for vt in grid["value_types"]:
-                options = {"group_size": INT4_GROUP} if vt == "int4" else {}
-                packed = pack(w, "bitmask", vt, **options)
+                packed = pack_for(pack, w, sparsity, vt, INT4_GROUP)
                 w_ref = packed.unpack().to("cuda", torch.float64)
                 n_ours = max(2, math.ceil(4 * l2 / packed.nbytes()))
                 kernels = [build_linear_kernel(packed) for _ in range(n_ours)]
                 for batch in grid["batches"]:
-                    x = torch.randn(batch, cols, generator=gen).to("cuda", torch.float16)
+                    x = torch.randn(batch, cols, generator=gen, device="cuda").half()
                     err = max(check_output(torch, k(x), x, w_ref) for k in kernels[:2])
                     if not err <= 1.0:
                         print(
@@ -272,8 +288,7 @@ def run_simulated(args, grid) -> list[Row]:
         for sparsity in grid["sparsities"]:
             w = random_weight(torch, rows, cols, sparsity, gen)
             for vt in grid["value_types"]:
-                options = {"group_size": 32} if vt == "int4" else {}
-                packed = pack(w, "bitmask", vt, **options)
+                packed = pack_for(pack, w, sparsity, vt, 32)
                 w_ref = packed.unpack().double()
                 kernel = build_linear_kernel(packed)
                 for batch in grid["batches"]:
@@ -307,7 +322,7 @@ def print_row(r: Row) -> None:
         return "   n/a" if math.isnan(v) else f"{100 * v:5.1f}%"
 
     print(
-        f"{f'{r.rows}x{r.cols}':>12} {r.sparsity:6.2f} {r.value_type:>5} {r.batch:5d} "
+        f"{f'{r.rows}x{r.cols}':>12} {str(r.sparsity):>6} {r.value_type:>5} {r.batch:5d} "
         f"{r.bits_per_weight:6.2f} "
         f"{r.ours_us:9.2f} {r.cublas_us:9.2f} {r.speedup:7.2f} {pct(r.ours_bw_frac):>7} "
         f"{pct(r.cublas_bw_frac):>9} {r.floor_us:8.2f} {r.host_us_per_call:8.1f} {r.max_err_ratio:6.3f}"
