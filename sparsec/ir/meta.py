@@ -39,8 +39,9 @@ QUANT = "sparsec.quant"
 #: options, e.g. ``{"n": 2, "m": 4}`` or ``{"block_shape": (4, 4)}``).
 FORMAT = "sparsec.format"
 
-#: ``{"bias": bool, "activation": str | None, "swiglu_partner": str | None}``: epilogue fused into
-#: this layer's kernel by the fusion passes.
+#: ``{"bias": bool, "activation": str | None, "activation_node": str | None, "swiglu_partner": str | None,
+#: "swiglu_role": "gate" | "up" | None, "swiglu_node": str | None}``: epilogue the layer's kernel can
+#: fuse, found by ``fuse-epilogue`` (activation: relu | gelu (erf) | silu; the node names are fx node names).
 FUSION = "sparsec.fusion"
 
 #: ``{"target": "cpu" | "cuda", "format": str, "value_type": str}``: set by ``lower-cpu`` /
