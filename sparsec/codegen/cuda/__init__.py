@@ -28,12 +28,16 @@ if TYPE_CHECKING:
     from sparsec.formats.base import PackedWeight
 
 __all__ = [
+    "KERNEL_FORMATS",
     "ACTIVATION_NAMES",
     "CudaLinearKernel",
     "CudaUnavailableError",
     "build_linear_kernel",
     "cuda_available",
 ]
+
+#: Formats with a CUDA kernel; other formats are refused by :func:`build_linear_kernel`.
+KERNEL_FORMATS: tuple[str, ...] = ("bitmask", "nm")
 
 #: Activations the epilogue can fuse (``None``: none).
 ACTIVATION_NAMES: tuple[str, ...] = ("relu", "gelu", "gelu_tanh", "silu")

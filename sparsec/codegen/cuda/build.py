@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsec.codegen.cuda import KERNEL_FORMATS
 from sparsec.codegen.cuda import bitmask as bitmask_kernels
 from sparsec.codegen.cuda import nm as nm_kernels
 from sparsec.codegen.cuda.kernel import CudaLinearKernel, KernelSpec
@@ -98,6 +99,7 @@ def _nm_spec(packed: PackedWeight, activation: str | None, has_bias: bool) -> Ke
 
 
 _SPECS = {"bitmask": _bitmask_spec, "nm": _nm_spec}
+assert tuple(_SPECS) == KERNEL_FORMATS
 
 
 def build(packed: PackedWeight, bias: Any, activation: str | None) -> CudaLinearKernel:
