@@ -244,6 +244,9 @@ def test_nm_stores_n_values_and_compact_positions():
         (lambda w: pack(w[None], "dense"), "2-D"),
         (lambda w: pack(w.to(torch.int32), "dense"), "floating-point"),
         (lambda w: pack(w * 1e6, "bitmask", "fp16"), "beyond the range of fp16"),
+        (lambda w: pack(w, "bitmask", "int8", scales=torch.ones(3)), "must have shape (4,), got (3,)"),
+        (lambda w: pack(w, "csr", "int8", scales=-torch.ones(4)), "finite and non-negative"),
+        (lambda w: pack(w, "dense", "bf16", scales=torch.ones(4)), "scales apply to int8/int4"),
     ],
 )
 def test_bad_input_gives_a_clear_error(call, message):
@@ -301,3 +304,13 @@ def test_semantic_corruption_is_caught():
 
 def test_every_format_is_registered():
     assert set(FORMATS) <= set(registered_formats())
+
+
+def test_the_example_in_docs_formats_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+    blocks = text.split("```python\n")[1:]
+    assert blocks, "docs/formats.md lost its example"
+    for block in blocks:
+        exec(compile(block.split("```")[0], "docs/formats.md", "exec"), {})
