@@ -208,8 +208,8 @@ def nnz_source(vt: str, NL: int) -> str:
             L.append(f"        a{u}_{lane} = vzero()")
     L.append(f"        for j in range(0, n, {U}):")
     for u in range(U):
-        L.append(f"            bv = vbroadcast(vbuf[base + j + {u}])")
-        L.append(f"            ci = np.int64(ibuf[base + j + {u}]) * lw")
+        L.append(f"            bv = vbroadcast(ld(vbuf, base + j + {u}))")
+        L.append(f"            ci = np.int64(ld(ibuf, base + j + {u})) * lw")
         for lane in range(NL):
             L.append(f"            a{u}_{lane} = vfma(bv, vload(xt, ci + {16 * lane}), a{u}_{lane})")
     for lane in range(NL):

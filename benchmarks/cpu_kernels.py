@@ -1,0 +1,229 @@
+"""Benchmark the CPU bitmask kernels against torch dense and torch CSR, and against the memory floor.
+
+One run prints, per (shape, sparsity, value type, batch): the kernel's time per layer, its
+effective bandwidth (compressed bytes of the layer / time), that bandwidth as a fraction of the
+machine's read bandwidth measured in the same run by a streaming kernel, and the speedup over
+torch dense fp32 ``F.linear`` (rows for torch dense bf16 and torch CSR fp32 are printed too).
+
+Every timing rotates over enough copies of the layer that the copies' bytes exceed twice the
+last-level cache (read from /sys), so weights come from memory, as in a real model's decode.
+
+    python benchmarks/cpu_kernels.py            # the full table (several minutes)
+    python benchmarks/cpu_kernels.py --quick    # 4096x4096, 0/50/75%, bf16/int8, batch 1/16
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import njit
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sparsec.codegen.cpu import build_linear_kernel  # noqa: E402
+from sparsec.codegen.cpu.host import host_features  # noqa: E402
+from sparsec.codegen.cpu.threads import cpu_threads, run_ranges  # noqa: E402
+from sparsec.formats import format_class, pack  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+SPARSITIES = [0.0, 0.5, 0.7, 0.75, 0.8, 0.9]
+VALUES = ["fp32", "bf16", "int8", "int4"]
+BATCHES = [1, 4, 16, 64]
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest cache of cpu0, from /sys (falls back to 32 MiB)."""
+    best = 0
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(d, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        best = max(best, int(text.rstrip("KMG")) * mult)
+    return best or (32 << 20)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _stream_sum(r0, r1, t, a, out):
+    s = np.float32(0.0)
+    for i in range(r0, r1):
+        s += a[i]
+    out[t] = s
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """GB/s of a multithreaded streaming read (sum) over ``nbytes``, best of ``repeats``."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    n = cpu_threads()
+    bounds = np.linspace(0, a.shape[0], n + 1).astype(np.int64)
+    out = np.zeros(n, dtype=np.float32)
+    run_ranges(_stream_sum, bounds, (a, out))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_ranges(_stream_sum, bounds, (a, out))
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+STAT = statistics.median
+
+
+def time_rotating(calls: list, min_seconds: float = 0.3, min_rounds: int = 3) -> float:
+    """Seconds per call over rounds through ``calls`` (zero-argument functions): the median
+    round, or the best one with ``--stat min`` (for a machine shared with other work)."""
+    for c in calls:
+        c()
+    per_call = []
+    start = time.perf_counter()
+    while len(per_call) < min_rounds or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        per_call.append((time.perf_counter() - t0) / len(calls))
+        if len(per_call) >= 200:
+            break
+    return STAT(per_call)
+
+
+def copies_needed(layer_bytes: int, llc: int) -> int:
+    return max(2, -(-2 * llc // max(layer_bytes, 1)) + 1)
+
+
+def clone_packed(p):
+    """A copy of a packed weight in fresh memory (same bytes, different addresses)."""
+    tensors = {k: v.clone() for k, v in p.tensors("w").items()}
+    return format_class(p.format_name).from_tensors("w", tensors, **p.options())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small subset (about a minute)")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,11008x4096")
+    ap.add_argument("--sparsities", default=None, help="e.g. 0,0.5,0.75")
+    ap.add_argument("--values", default=None, help="e.g. bf16,int8")
+    ap.add_argument("--batches", default=None, help="e.g. 1,16")
+    ap.add_argument("--no-baselines", action="store_true", help="skip torch dense bf16 and torch CSR")
+    ap.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="per-round statistic: median, or min on a machine shared with other jobs",
+    )
+    args = ap.parse_args()
+    global STAT
+    STAT = min if args.stat == "min" else statistics.median
+    shapes, sparsities, values, batches = SHAPES, SPARSITIES, VALUES, BATCHES
+    if args.quick:
+        shapes, sparsities, values, batches = [(4096, 4096)], [0.0, 0.5, 0.75], ["bf16", "int8"], [1, 16]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.sparsities:
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+    if args.values:
+        values = args.values.split(",")
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
+
+    torch.set_num_threads(cpu_threads())
+    llc = last_level_cache_bytes()
+    feats = host_features()
+    try:
+        import deepsparse  # noqa: F401
+
+        have_deepsparse = True
+    except ImportError:
+        have_deepsparse = False
+    bw = measure_read_bandwidth()
+    print(
+        f"# CPU: {platform.processor() or feats.name} ({feats.name}), threads {cpu_threads()}, "
+        f"LLC {llc >> 20} MiB, AVX-512 bitmask kernels: {feats.vector_bitmask}"
+    )
+    print(
+        f"# torch {torch.__version__}; load average at start {os.getloadavg()[0]:.2f}; "
+        f"statistic: {args.stat} of rounds over rotating layer copies"
+    )
+    print(f"# measured read bandwidth: {bw:.1f} GB/s (streaming sum, {cpu_threads()} threads)")
+    ds = "importable (column not implemented)" if have_deepsparse else "not installed, skipped"
+    print(f"# DeepSparse: {ds}")
+    header = (
+        f"{'shape':>11} {'sp%':>4} {'values':>6} {'B':>3} {'kernel':>14} {'time_us':>9} "
+        f"{'GB/s':>6} {'%bw':>5} {'x_dense32':>9} {'bits/w':>6}"
+    )
+    print(header)
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in shapes:
+        dense_w = torch.randn(rows, cols, generator=gen)
+        # torch dense fp32 / bf16 baselines per batch (independent of sparsity)
+        n_dense = copies_needed(rows * cols * 4, llc)
+        dense32 = [dense_w.clone() for _ in range(n_dense)]
+        dense16 = [dense_w.to(torch.bfloat16) for _ in range(n_dense)]
+        base32 = {}
+        for B in batches:
+            x = torch.randn(B, cols, generator=gen)
+            xb = x.to(torch.bfloat16)
+            t32 = time_rotating([lambda w=w, x=x: F.linear(x, w) for w in dense32])
+            base32[B] = t32
+            _row(rows, cols, 0.0, "fp32", B, "torch-dense", t32, rows * cols * 4, bw, t32)
+            if not args.no_baselines:
+                t16 = time_rotating([lambda w=w, xb=xb: F.linear(xb, w) for w in dense16])
+                _row(rows, cols, 0.0, "bf16", B, "torch-dense", t16, rows * cols * 2, bw, t32)
+        del dense32, dense16
+        for sp in sparsities:
+            w = dense_w * (torch.rand(rows, cols, generator=gen) >= sp)
+            if not args.no_baselines and sp > 0:
+                csr = w.to_sparse_csr()
+                csr_bytes = sum(
+                    t.numel() * t.element_size()
+                    for t in (csr.crow_indices(), csr.col_indices(), csr.values())
+                )
+                n = copies_needed(csr_bytes, llc)
+                csrs = [w.to_sparse_csr() for _ in range(n)]
+                for B in batches:
+                    xt = torch.randn(cols, B, generator=gen)
+                    t = time_rotating([lambda c=c, xt=xt: torch.mm(c, xt) for c in csrs])
+                    _row(rows, cols, sp, "fp32", B, "torch-csr", t, csr_bytes, bw, base32[B])
+                del csrs
+            for vt in values:
+                p = pack(w, "bitmask", vt)
+                nb = p.nbytes()
+                n = copies_needed(nb, llc)
+                kernels = [build_linear_kernel(p)] + [
+                    build_linear_kernel(clone_packed(p)) for _ in range(n - 1)
+                ]
+                for B in batches:
+                    x = torch.randn(B, cols, generator=gen)
+                    t = time_rotating([lambda k=k, x=x: k(x) for k in kernels])
+                    family = kernels[0]._impl.plan(B)
+                    name = (
+                        f"sparsec-{family[0]}{family[1] or ''}"
+                        if B < kernels[0].DENSE_MIN_BATCH
+                        else "sparsec-dense"
+                    )
+                    _row(rows, cols, sp, vt, B, name, t, nb, bw, base32[B])
+                del kernels, p
+            sys.stdout.flush()
+
+
+def _row(rows, cols, sp, vt, B, kernel, t, nbytes, bw, t_dense32) -> None:
+    gbs = nbytes / t / 1e9
+    print(
+        f"{rows:>5}x{cols:<5} {round(sp * 100):>4} {vt:>6} {B:>3} {kernel:>14} {t * 1e6:>9.1f} "
+        f"{gbs:>6.1f} {100 * gbs / bw:>5.0f} {t_dense32 / t:>9.2f} {8 * nbytes / (rows * cols):>6.2f}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
