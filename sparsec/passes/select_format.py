@@ -136,9 +136,20 @@ class WeightStats:
         rows, cols = w.shape
         nz = w != 0
         stats = cls(rows, cols, int(nz.sum()))
+        counts: dict[int, torch.Tensor] = {}
         for n, m in patterns:
-            if cols % m == 0 and rows and cols:
-                stats.nm[(n, m)] = bool((nz.view(rows, cols // m, m).sum(dim=2) <= n).all())
+            if cols % m or not rows or not cols or m > 255:
+                continue
+            if stats.nnz > rows * (cols // m) * n:
+                stats.nm[(n, m)] = False  # more nonzeros than the pattern can hold: no need to look
+                continue
+            if m not in counts:
+                # Nonzeros per group from m strided column slices, in uint8 (cheap on big layers).
+                c = torch.zeros(rows, cols // m, dtype=torch.uint8)
+                for p in range(m):
+                    c += nz[:, p::m]
+                counts[m] = c
+            stats.nm[(n, m)] = bool((counts[m] <= n).all())
         for br, bc in shapes:
             rb, cb = math.ceil(rows / br), math.ceil(cols / bc)
             padded = torch.nn.functional.pad(nz.to(torch.uint8), (0, cb * bc - cols, 0, rb * br - rows))
