@@ -227,3 +227,28 @@ def test_unwritable_layouts_leave_the_folder_untouched(tmp_path):
     with pytest.raises(FormatError, match="not a parameter"):
         write_folder(tmp_path / "out", sd, {"nope.weight": pack(sd[names[0]], "bitmask")}, {})
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_embeddings_are_written_once(tmp_path):
+    torch.manual_seed(5)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    sd = model.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
+    names = linear_names(model)
+    write_folder(tmp_path, sd, pack_linear_weights(sd, names, "bitmask", "fp16"), model.config.to_dict())
+    ckpt = read_folder(tmp_path)
+    assert "lm_head.weight" not in ckpt.state_dict  # as save_pretrained does for tied weights
+    fresh = LlamaForCausalLM(config).eval()
+    missing, unexpected = fresh.load_state_dict(ckpt.state_dict, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    fresh.tie_weights()
+    assert torch.equal(fresh.lm_head.weight, sd["model.embed_tokens.weight"])
