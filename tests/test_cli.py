@@ -1,0 +1,109 @@
+"""The sparsec command: real subprocesses, one-line errors, artifacts that inspect back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+FACTORY = textwrap.dedent('''
+    import torch
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+        return model, (torch.randn(2, 32),)
+''')
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sparsec.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.py"
+    path.write_text(FACTORY)
+    return f"{path}:make"
+
+
+def _one_line_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("sparsec: error: ")
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in proc.stderr
+
+
+def test_passes_lists_options_and_docs():
+    proc = run("passes")
+    assert proc.returncode == 0
+    assert "prune-magnitude\n    Zero the smallest |w|" in proc.stdout
+    assert "    sparsity     float  default 0.5" in proc.stdout
+    assert "named pipelines:" in proc.stdout and "sparse-cpu" in proc.stdout
+
+
+def test_compile_writes_an_artifact_that_inspect_reads(factory, tmp_path):
+    out = tmp_path / "art"
+    proc = run("compile", factory, "--pipeline", "prune-magnitude{sparsity=0.75},lower-cpu", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "0" in proc.stdout and "bitmask" in proc.stdout and "75.0%" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline"] == "prune-magnitude{sparsity=0.75},lower-cpu"
+    assert [x["format"] for x in manifest["layers"]] == ["bitmask", "bitmask"]
+    proc = run("inspect", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 layers" in proc.stdout and "bitmask" in proc.stdout
+    # A tampered weight file is refused with the reason.
+    weights = out / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    _one_line_error(run("inspect", str(out)), "does not match its sha256")
+
+
+def test_compile_dump_graph_and_json(factory, tmp_path):
+    proc = run("compile", factory, "-p", "prune-magnitude{sparsity=0.5}", "--dump-graph", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["pipeline"] == "prune-magnitude{sparsity=0.5},lower-cpu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000_captured.py", "001_prune-magnitude.py",
+                                                          "002_lower-cpu.py"]
+
+
+def test_inspect_a_model(factory):
+    proc = run("inspect", factory)
+    assert proc.returncode == 0, proc.stderr
+    assert "captured with symbolic_trace, 2 weighted layers" in proc.stdout
+
+
+def test_bench(factory):
+    proc = run("bench", factory, "-p", "prune-magnitude{sparsity=0.5}", "--repeat", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled" in proc.stdout and "eager" in proc.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["compile", "FACTORY", "-p", "prune-magnitde"], ["unknown pass 'prune-magnitde'", "did you mean", "^"]),
+    (["compile", "FACTORY", "-p", "prune-magnitude{sparsity=1.5}"], ["sparsity must be in [0, 1)"]),
+    (["compile", "nowhere/model.py:make"], ["no such file 'nowhere/model.py'"]),
+    (["compile", "no-such-model"], ["no model 'no-such-model'"]),
+    (["compile", "FACTORY", "-p", "prune-magnitude{layers=zzz}"], ["matches no layer"]),
+    (["compile", "FACTORY", "--target", "cpu", "-p", "lower-cuda"], ["lowers with lower-cuda"]),
+    (["inspect", "/"], ["neither an artifact"]),
+])
+def test_bad_input_is_one_line_and_exit_2(factory, args, words):
+    args = [factory if a == "FACTORY" else a for a in args]
+    _one_line_error(run(*args), *words)
+
+
+def test_bad_arguments_exit_2():
+    proc = run("compile")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = run("frobnicate")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
