@@ -181,3 +181,20 @@ def test_balanced_split_equalizes_kept_values():
     assert abs(int(left) - int(right)) <= 100
     assert b[1] < 10  # a split by rows would have put all the heavy rows on one side
     assert balanced_row_split(np.zeros(0, dtype=np.int64), 2).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("value_type", ["int8", "int4"])
+def test_integer_kernels_bound_the_fixed_point_error(value_type):
+    # int8/int4 batch-1..4 kernels round x to 24-bit fixed point per row (quantize_x24): the extra
+    # error is at most max|x_b| * 2^-24 per element, i.e. 2^-24 * max|x_b| * sum_j |w_rj| per output
+    w = _weight(64, 256, 0.5, seed=9)
+    packed = pack(w, "bitmask", value_type)
+    k = build_linear_kernel(packed)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    x[0, 17] = 3.0e4  # an outlier sets the fixed-point step for its row
+    W = packed.unpack().double()
+    ref = x.double() @ W.T
+    fixed = 2.0**-23 * x.double().abs().amax(dim=1, keepdim=True) * W.abs().sum(dim=1)
+    bound = 3e-5 * (x.double().abs() @ W.abs().T) + fixed + 1e-6
+    err = (k(x).double() - ref).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"

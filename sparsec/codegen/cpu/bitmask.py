@@ -8,11 +8,13 @@ share a handful of compiled functions, not 200:
 ``rows`` (decode once, use for a few batch rows; batch 1 is the GEMV)
     Each thread walks its rows ``R`` at a time (independent offsets and accumulators keep the
     core busy while one row's popcount chain resolves). Per chunk of ``W`` columns and row: one
-    mask load, one AVX-512 expand-load that spreads the packed values over the chunk's lanes and
-    turns them into float32 in registers (bf16 by a 16-bit shift, int8/int4 by two shifts and a
-    convert), then one FMA per 16 lanes against ``x``. ``W`` is 32 for 16/32-bit values and 64 for
-    int8/int4 (one 64-lane byte expand). ``x`` is laid out to match the lane order the decode
-    produces (:func:`arrange_x`), once per call.
+    mask load, one AVX-512 expand-load that spreads the packed values over the chunk's lanes.
+    Float values turn into float32 in registers (bf16 by a 16-bit shift) and meet ``x`` in one
+    FMA per 16 lanes, ``x`` laid out once per call to match the lane order of the decode
+    (:func:`arrange_chunks`). int8/int4 values stay bytes: ``x`` is turned once per call into a
+    24-bit fixed-point copy split in three byte limbs (:func:`quantize_x24`) and each 64-column
+    chunk is three VNNI ``vpdpbusd`` (64 multiply-adds each) per batch row, an exact integer dot
+    product. ``W`` is 32 for 16/32-bit values and 64 for int8/int4 (one 64-lane byte expand).
 ``nnz`` (several batch rows: work per kept value, not per column)
     A row is decoded into a short list of (column, float32 value) in L1, then every kept value is
     broadcast and multiplied into ``x^T[column, 0:16L]`` (batch in the vector lanes): the flops are
@@ -74,6 +76,64 @@ def load_partial(bm, start, nbytes):
     return m
 
 
+@njit(nogil=True, cache=True)
+def arrange_chunks(x, xa, W, g, Bp):
+    """``x`` (float32 ``[B, cols]``) into ``xa`` (``[Bp, nch*W]`` flat) for the ``rows`` kernels:
+    zero-padded to whole chunks and ``Bp`` rows, lane ``j`` of vector ``k`` of a chunk holding
+    column ``g*j + k`` (``g`` = 1, 2 or 4: the lane order the value type's decode produces)."""
+    B, cols = x.shape
+    stride = xa.shape[0] // Bp
+    nch = stride // W
+    per = W // g
+    for b in range(Bp):
+        row = b * stride
+        for c in range(nch):
+            base = row + c * W
+            for k in range(g):
+                for j in range(per):
+                    col = c * W + g * j + k
+                    xa[base + k * per + j] = x[b, col] if (b < B and col < cols) else 0.0
+
+
+@njit(nogil=True, cache=True)
+def arrange_lanes(x, xt, lw):
+    """``x`` (float32 ``[B, cols]``) transposed into ``xt`` (``[cols, lw]`` flat, lanes >= B zero)
+    for the ``nnz`` kernels: one batch row per vector lane."""
+    B, cols = x.shape
+    for c in range(cols):
+        for b in range(lw):
+            xt[c * lw + b] = x[b, c] if b < B else 0.0
+
+
+#: 2^23 - 1: the largest magnitude of the 24-bit fixed-point copy of x the int8 kernels use.
+X24_MAX = 8388607
+
+
+@njit(nogil=True, cache=True)
+def quantize_x24(x, xq, sxs, limb):
+    """Each row ``b`` of float32 ``x`` as 24-bit fixed point: ``X = round(x / s_b)`` with
+    ``s_b = max|x[b]| / (2^23 - 1)``, stored offset by ``2^23`` (so non-negative) as three byte
+    limbs ``xq[b*3*limb + k*limb + j]`` (low, middle, high byte). The error per element is at
+    most ``max|x[b]| * 2^-24``, the spacing of float32 at the row's largest value."""
+    B, cols = x.shape
+    for b in range(B):
+        m = 0.0
+        for j in range(cols):
+            a = abs(np.float64(x[b, j]))
+            if a > m:
+                m = a
+        s = m / X24_MAX if m > 0.0 else 1.0
+        sxs[b] = s
+        inv = 1.0 / s
+        base = b * 3 * limb
+        for j in range(cols):
+            q = np.int64(np.floor(np.float64(x[b, j]) * inv + 0.5))
+            q = min(max(q, -X24_MAX), X24_MAX) + (X24_MAX + 1)
+            xq[base + j] = q & 255
+            xq[base + limb + j] = (q >> 8) & 255
+            xq[base + 2 * limb + j] = q >> 16
+
+
 # --------------------------------------------------------------------------- source generation
 #
 # Every generated kernel has the signature ``fn(r0, r1, t, B, <ARGS>)``: rows ``r0:r1`` of the
@@ -82,12 +142,103 @@ def load_partial(bm, start, nbytes):
 
 ARGS = (
     "vals, bm, nbytes, offs, scales, gstride, gs, bias, actc, y, "
-    "xa, xstride, nfull, tailbytes, xt, lw, nfull16, tail16, ibuf, vbuf, obuf, cap, xs, acc"
+    "xa, xstride, nfull, tailbytes, xt, lw, nfull16, tail16, ibuf, vbuf, obuf, cap, xs, acc, "
+    "xq, xqstride, limb, sxs, rowsum"
 )
+
+
+def _rows_block_vnni(vt: str, R: int, BT: int, indent: str) -> list[str]:
+    """int8/int4 rows: ``x`` comes as three byte limbs of a 24-bit fixed-point copy (see
+    :func:`quantize_x24`), so a 64-column chunk is one byte expand and three ``vpdpbusd`` per batch
+    row: an exact integer dot product instead of 16 shift/convert/FMA instructions. int8 removes
+    the limbs' ``2^23`` offset once per row (``rowsum``); int4 folds the integer sums into float32
+    at every scale group, removing the offset with a fourth ``vpdpbusd`` that sums the levels."""
+    int4 = vt == "int4"
+    L: list[str] = []
+    add = lambda s, ind="": L.append(indent + ind + s)  # noqa: E731
+
+    def reset(ind: str) -> None:
+        for i in range(R):
+            if int4:
+                add(f"qs{i} = vizero()", ind)
+            for b in range(BT):
+                for k in range(3):
+                    add(f"a{i}_{b}_{k} = vizero()", ind)
+
+    def fold(ind: str) -> None:
+        for i in range(R):
+            add(f"sc{i} = vbroadcast(scales[(r + {i}) * gstride + g])", ind)
+            for b in range(BT):
+                add(
+                    f"f{i}_{b} = vfma(fold_limbs(a{i}_{b}_0, a{i}_{b}_1, a{i}_{b}_2, qs{i}), "
+                    f"sc{i}, f{i}_{b})",
+                    ind,
+                )
+
+    for i in range(R):
+        add(f"p{i} = offs[r + {i}]")
+        add(f"mb{i} = (r + {i}) * nbytes")
+        if int4:
+            for b in range(BT):
+                add(f"f{i}_{b} = vzero()")
+    reset("")
+    if int4:
+        add("g = 0")
+        add("gnext = gs")
+        add("ones = vones_bytes()")
+
+    def chunk(mask_expr: str, ind: str) -> None:
+        if int4:
+            # gs is a multiple of 64, so a chunk never straddles two scale groups
+            add("if c * 64 >= gnext:", ind)
+            fold(ind + "    ")
+            reset(ind + "    ")
+            add("    g += 1", ind)
+            add("    gnext += gs", ind)
+        for b in range(BT):
+            for k in range(3):
+                add(f"q{b}_{k} = vload_bytes(xq, (b0 + {b}) * xqstride + {k} * limb + c * 64)", ind)
+        for i in range(R):
+            add(f"m{i} = {mask_expr.format(i=i)}", ind)
+            add(f"e{i} = {'expand_i4x64_bytes' if int4 else 'expand_i8x64_bytes'}(vals, p{i}, m{i})", ind)
+            add(f"p{i} += popcount(m{i})", ind)
+            if int4:
+                add(f"qs{i} = vdpbusd(qs{i}, ones, e{i})", ind)
+            for b in range(BT):
+                for k in range(3):
+                    add(f"a{i}_{b}_{k} = vdpbusd(a{i}_{b}_{k}, q{b}_{k}, e{i})", ind)
+
+    add("for c in range(nfull):")
+    chunk("load_u64(bm, mb{i} + c * 8)", "    ")
+    add("if tailbytes > 0:")
+    add("    c = nfull")
+    chunk("load_partial(bm, mb{i} + c * 8, tailbytes)", "    ")
+    if int4:
+        fold("")
+    for i in range(R):
+        for b in range(BT):
+            if int4:
+                add(
+                    f"y[b0 + {b}, r + {i}] = act(np.float64(vsum(f{i}_{b})) * sxs[b0 + {b}] "
+                    f"+ bias[r + {i}], actc)"
+                )
+                continue
+            # sum q*(u0 + 256 u1 + 65536 u2) - 2^23 sum q, with 2^23 = 65536 * 128, all exact in int64
+            add(
+                f"dot = vsum_i64(a{i}_{b}_0) + 256 * vsum_i64(a{i}_{b}_1) + "
+                f"65536 * (vsum_i64(a{i}_{b}_2) - 128 * rowsum[r + {i}])"
+            )
+            add(
+                f"y[b0 + {b}, r + {i}] = act(np.float64(dot) * sxs[b0 + {b}] * scales[r + {i}] "
+                f"+ bias[r + {i}], actc)"
+            )
+    return L
 
 
 def _rows_block(vt: str, R: int, BT: int, indent: str) -> list[str]:
     """Source for ``R`` rows in flight starting at ``r``, batch rows ``b0 .. b0+BT-1``."""
+    if vt in ("int8", "int4"):
+        return _rows_block_vnni(vt, R, BT, indent)
     kind, W, loader, expander, K, _ = _VT[vt]
     int4_t = vt == "int4" and BT == 1  # int4 at batch 1: scale the chunk's dot product, not weights
     nacc = 1 if int4_t or R * BT >= 4 else K  # split the FMA chain when few chains are in flight
@@ -153,7 +304,9 @@ def rows_source(vt: str, BT: int) -> str:
     ``B`` must be a multiple of ``BT`` (the caller pads ``x`` and ``y``). Rows go 4 at a time at
     batch tile 1, 2 at tile 2 and 1 at tile 4, so about four accumulator chains are in flight.
     """
-    R = {1: 4, 2: 2, 4: 1}[BT]
+    # int4 keeps more live vectors per row (nibble unpack, level sums, float accumulators): half
+    # the rows in flight measured best
+    R = ROWS_IN_FLIGHT[BT] if vt != "int4" else max(1, ROWS_IN_FLIGHT[BT] // 2)
     body = [f"def rows_{BT}(r0, r1, t, B, {ARGS}):", f"    for b0 in range(0, B, {BT}):", "        r = r0"]
     body.append(f"        while r + {R} <= r1:")
     body += _rows_block(vt, R, BT, "            ")
@@ -273,6 +426,9 @@ def module_source(vt: str) -> str:
 
 
 ROWS_TILES: tuple[int, ...] = (1, 2, 4)
+#: rows decoded together per batch tile: enough independent offset chains and accumulators to
+#: keep the core busy (8 rows at batch 1 measured no better than 4 on Zen 4)
+ROWS_IN_FLIGHT: dict[int, int] = {1: 4, 2: 2, 4: 1}
 NNZ_LANES: tuple[int, ...] = (1, 2, 4)
 _JIT = dict(nogil=True, fastmath=True, boundscheck=False, error_model="numpy")
 

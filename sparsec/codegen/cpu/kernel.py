@@ -236,6 +236,15 @@ class _BitmaskImpl:
         self._f2 = np.zeros((1, 1), dtype=np.float32)
         self._d2 = np.zeros((1, 1), dtype=np.float64)
         self.actc = bm_kernels.ACT_CODE[k.activation]
+        self._i1 = np.zeros(1, dtype=np.int64)
+        self._u1 = np.zeros(1, dtype=np.uint8)
+        self._d1 = np.zeros(1, dtype=np.float64)
+        if self.vt == "int8":
+            # sum of each row's int8 levels: the int8 kernel's fixed-point x carries a 2^23 offset
+            cs = np.concatenate([[0], np.cumsum(self.vals.astype(np.int64))])
+            self.rowsum = cs[self.offs + counts] - cs[self.offs]
+        else:
+            self.rowsum = self._i1
         # Compile (or load from the disk cache) every function this layer can call, now.
         gen = torch.Generator().manual_seed(0)
         for B in self.warm_batches():
@@ -270,69 +279,45 @@ class _BitmaskImpl:
             return torch.cat([self.run(x2[i : i + 64], charge=False) for i in range(0, B, 64)])
         return self.run(x2, charge=False)
 
-    def arrange_x(self, x2: torch.Tensor, Bp: int) -> torch.Tensor:
-        """``x`` padded to ``Bp`` rows and whole chunks, permuted so that lane ``j`` of vector ``k``
-        of a chunk is column ``g*j + k`` (``g`` = 1, 2 or 4: the lane order of the decode)."""
-        B, cols = x2.shape
-        W, g = self.W, self.g
-        nch = self.nfull_w + (1 if self.tail_w else 0)
-        xa = torch.zeros(Bp, nch * W, dtype=torch.float32)
-        xa[:B, :cols] = x2
-        if g > 1:
-            xa = xa.view(Bp, nch, W // g, g).transpose(2, 3).contiguous()
-        return xa.view(Bp, nch * W)
-
     def run(self, x2: torch.Tensor, charge: bool) -> torch.Tensor:
         k = self.k
         B = x2.shape[0]
         family, tile = self.plan(B)
         fn = bm_kernels.kernel_function(self.vt, family, tile)
+        xn = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
         xa, xstride, xt, lw, xs, acc = self._f1, 0, self._f1, 0, self._f2, self._d2
+        xq, limb, sxs = self._u1, 0, self._d1
         Bp = B
         if family == "rows":
             Bp = -(-B // tile) * tile
-            xt_ = self.arrange_x(x2, Bp)
-            xa, xstride = xt_.reshape(-1).numpy(), xt_.shape[1]
+            nch = self.nfull_w + (1 if self.tail_w else 0)
+            if self.vt in ("int8", "int4"):
+                limb = nch * self.W
+                xq = np.zeros(Bp * 3 * limb, dtype=np.uint8)
+                sxs = np.zeros(Bp, dtype=np.float64)
+                bm_kernels.quantize_x24(xn, xq, sxs, limb)
+            else:
+                xstride = nch * self.W
+                xa = np.empty(Bp * xstride, dtype=np.float32)
+                bm_kernels.arrange_chunks(xn, xa, self.W, self.g, Bp)
         elif family == "nnz":
             lw = 16 * tile
-            xt_ = torch.zeros(k.cols, lw, dtype=torch.float32)
-            xt_[:, :B] = x2.t()
-            xt = xt_.reshape(-1).numpy()
+            xt = np.empty(k.cols * lw, dtype=np.float32)
+            bm_kernels.arrange_lanes(xn, xt, lw)
         else:
-            xs = x2.contiguous().numpy()
+            xs = xn
             acc = np.zeros((len(self.parts) - 1, B), dtype=np.float64)
-        y = torch.empty(Bp, k.rows, dtype=torch.float32)
+        y = np.empty((Bp, k.rows), dtype=np.float32)
         args = (
-            Bp,
-            self.vals,
-            self.bm,
-            self.nbytes,
-            self.offs,
-            self.scales,
-            self.gstride,
-            self.gs,
-            k._bias_np,
-            self.actc,
-            y.numpy(),
-            xa,
-            xstride,
-            self.nfull_w,
-            self.tail_w,
-            xt,
-            lw,
-            self.nfull_16,
-            self.tail_16,
-            self.ibuf,
-            self.vbuf,
-            self.obuf,
-            self.cap,
-            xs,
-            acc,
-        )
+            Bp, self.vals, self.bm, self.nbytes, self.offs, self.scales, self.gstride, self.gs,
+            k._bias_np, self.actc, y, xa, xstride, self.nfull_w, self.tail_w,
+            xt, lw, self.nfull_16, self.tail_16, self.ibuf, self.vbuf, self.obuf, self.cap, xs, acc,
+            xq, 3 * limb, limb, sxs, self.rowsum,
+        )  # fmt: skip
         if charge and not fn.signatures:
             t0 = time.perf_counter()
             run_ranges(fn, self.parts, args)
             k.compile_seconds += time.perf_counter() - t0
         else:
             run_ranges(fn, self.parts, args)
-        return y[:B] if Bp != B else y
+        return torch.from_numpy(y[:B] if Bp != B else y)

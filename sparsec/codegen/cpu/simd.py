@@ -60,6 +60,22 @@ class _F32x16Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _V16F)
 
 
+class I32x16Type(types.Type):
+    """Numba type of 16 int32 lanes (also viewed as 64 bytes) kept in one register."""
+
+    def __init__(self) -> None:
+        super().__init__(name="i32x16")
+
+
+i32x16 = I32x16Type()
+
+
+@register_model(I32x16Type)
+class _I32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type) -> None:
+        super().__init__(dmm, fe_type, ir.VectorType(ir.IntType(32), 16))
+
+
 # --------------------------------------------------------------------------- IR helpers
 
 
@@ -353,53 +369,66 @@ def expand_i8x64(typingctx, arr, index, mask):
 _NIBBLE_GATHER = [[(j + odd) >> 1 for j in range(64)] for odd in (0, 1)]
 
 
+def _nibbles64(context, builder, arrty, arr, nibty, nibble_index, m) -> ir.Value:
+    """<64 x i8> whose byte j has value ``nibble_index + j`` of a packed int4 array in its low
+    nibble (high nibble: junk). Reads exactly the bytes that hold the ``popcount(m)`` values.
+
+    The bytes are read with a masked load, moved so that byte j's low nibble is value j (a byte
+    permute, a 4-bit shift, a blend)."""
+    ary = context.make_array(arrty)(context, builder, value=arr)
+    nib = context.cast(builder, nibble_index, nibty, types.int64)
+    count = builder.call(_fn(builder, "llvm.ctpop.i64", _I64, [_I64]), [m])
+    odd = builder.and_(nib, ir.Constant(_I64, 1))
+    nbytes = builder.lshr(builder.add(builder.add(count, odd), ir.Constant(_I64, 1)), ir.Constant(_I64, 1))
+    p = builder.gep(ary.data, [builder.lshr(nib, ir.Constant(_I64, 1))])
+    v64 = ir.VectorType(_I8, 64)
+    raw = _maskedload(builder, p, _first_lanes(builder, nbytes, 64), _I8, 64)
+    is_odd = builder.trunc(odd, _I1)
+    idx = builder.select(is_odd, ir.Constant(v64, _NIBBLE_GATHER[1]), ir.Constant(v64, _NIBBLE_GATHER[0]))
+    if _HOST_HAS_VBMI:
+        gathered = builder.call(_fn(builder, "llvm.x86.avx512.permvar.qi.512", v64, [v64, v64]), [raw, idx])
+    else:
+        gathered = _generic_gather(builder, raw, idx)
+    w32 = ir.VectorType(_I16, 32)
+    high = builder.bitcast(builder.lshr(builder.bitcast(gathered, w32), ir.Constant(w32, [4] * 32)), v64)
+    # value j is the high nibble of its byte when (j + odd) is odd
+    sel_even = ir.Constant(ir.VectorType(_I1, 64), [j % 2 == 1 for j in range(64)])
+    sel_odd = ir.Constant(ir.VectorType(_I1, 64), [j % 2 == 0 for j in range(64)])
+    take_high = builder.select(is_odd, sel_odd, sel_even)
+    return builder.select(take_high, high, gathered)
+
+
 @intrinsic
 def expand_i4x64(typingctx, arr, nibble_index, mask):
     """Next ``popcount(mask)`` int4 values starting at nibble ``nibble_index`` of a uint8 array,
-    spread over 64 columns as float32 (unscaled levels): vector k holds columns 4j+k.
-
-    The packed bytes are read with a masked load of exactly the bytes that hold those nibbles,
-    moved so that byte j's low nibble is value j (a byte permute, a 4-bit shift, a blend), then
-    expanded by the mask as bytes and sign-extended from 4 bits.
-    """
+    spread over 64 columns as float32 (unscaled levels): vector k holds columns 4j+k."""
     ret = types.UniTuple(f32x16, 4)
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
-        nib = context.cast(builder, args[1], sig.args[1], types.int64)
         m = context.cast(builder, args[2], sig.args[2], types.uint64)
-        count = builder.call(_fn(builder, "llvm.ctpop.i64", _I64, [_I64]), [m])
-        odd = builder.and_(nib, ir.Constant(_I64, 1))
-        nbytes = builder.lshr(
-            builder.add(builder.add(count, odd), ir.Constant(_I64, 1)), ir.Constant(_I64, 1)
-        )
-        p = builder.gep(ary.data, [builder.lshr(nib, ir.Constant(_I64, 1))])
-        v64 = ir.VectorType(_I8, 64)
-        raw = _maskedload(builder, p, _first_lanes(builder, nbytes, 64), _I8, 64)
-        is_odd = builder.trunc(odd, _I1)
-        idx = builder.select(is_odd, ir.Constant(v64, _NIBBLE_GATHER[1]), ir.Constant(v64, _NIBBLE_GATHER[0]))
-        gathered = (
-            builder.call(_fn(builder, "llvm.x86.avx512.permvar.qi.512", v64, [v64, v64]), [raw, idx])
-            if _HOST_HAS_VBMI
-            else _generic_gather(builder, raw, idx)
-        )
-        high = builder.bitcast(
-            builder.lshr(
-                builder.bitcast(gathered, ir.VectorType(_I16, 32)),
-                ir.Constant(ir.VectorType(_I16, 32), [4] * 32),
-            ),
-            v64,
-        )
-        # value j is the high nibble of its byte when (j + odd) is odd
-        sel_even = ir.Constant(ir.VectorType(_I1, 64), [j % 2 == 1 for j in range(64)])
-        sel_odd = ir.Constant(ir.VectorType(_I1, 64), [j % 2 == 0 for j in range(64)])
-        take_high = builder.select(is_odd, sel_odd, sel_even)
-        nibbles = builder.select(take_high, high, gathered)
-        mv = builder.bitcast(m, ir.VectorType(_I1, 64))
-        expanded = _expand_reg(builder, nibbles, mv)
+        nibbles = _nibbles64(context, builder, sig.args[0], args[0], sig.args[1], args[1], m)
+        expanded = _expand_reg(builder, nibbles, builder.bitcast(m, ir.VectorType(_I1, 64)))
         return _tuple(context, builder, sig, _split4_sext(builder, expanded, nibble=True))
 
     return ret(arr, nibble_index, mask), codegen
+
+
+@intrinsic
+def expand_i4x64_bytes(typingctx, arr, nibble_index, mask):
+    """Like :func:`expand_i4x64`, but the 64 lanes stay signed bytes (zeros where the mask is
+    clear), ready for :func:`vdpbusd`."""
+
+    def codegen(context, builder, sig, args):
+        m = context.cast(builder, args[2], sig.args[2], types.uint64)
+        nibbles = _nibbles64(context, builder, sig.args[0], args[0], sig.args[1], args[1], m)
+        e = _expand_reg(builder, nibbles, builder.bitcast(m, ir.VectorType(_I1, 64)))
+        v64 = e.type
+        # sign-extend 4 bits within a byte: ((n & 15) ^ 8) - 8; a cleared lane (0) stays 0
+        low = builder.and_(e, ir.Constant(v64, [15] * 64))
+        signed = builder.sub(builder.xor(low, ir.Constant(v64, [8] * 64)), ir.Constant(v64, [8] * 64))
+        return builder.bitcast(signed, _V16I)
+
+    return i32x16(arr, nibble_index, mask), codegen
 
 
 def _generic_gather(builder, vec, idx):
@@ -518,3 +547,102 @@ def store_column_indices(typingctx, out, index, first_col, mask):
         return context.get_dummy_value()
 
     return types.none(out, index, first_col, mask), codegen
+
+
+# --------------------------------------------------------------------------- int8 dot products (VNNI)
+
+
+@intrinsic
+def vizero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V16I, None)
+
+    return i32x16(), codegen
+
+
+@intrinsic
+def vload_bytes(typingctx, arr, index):
+    """64 consecutive bytes from ``arr[index]`` (a 1-byte array), as 16 int32 lanes."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        return builder.load(_as(builder, p, _V16I), align=1)
+
+    return i32x16(arr, index), codegen
+
+
+@intrinsic
+def expand_i8x64_bytes(typingctx, arr, index, mask):
+    """Next ``popcount(mask)`` int8 from ``arr[index]`` spread over 64 byte lanes (zeros elsewhere),
+    left as bytes for :func:`vdpbusd`."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        v = _expandload(builder, p, _mask(context, builder, args[2], sig.args[2], 64), _I8, 64)
+        return builder.bitcast(v, _V16I)
+
+    return i32x16(arr, index, mask), codegen
+
+
+@intrinsic
+def vdpbusd(typingctx, acc, unsigned_bytes, signed_bytes):
+    """``acc[i] += sum_k u[4i+k] * s[4i+k]`` over byte lanes, u unsigned and s signed
+    (``vpdpbusd``: 64 multiply-adds in one instruction; exact, no saturation)."""
+
+    def codegen(context, builder, sig, args):
+        if _HOST.avx512vnni:
+            fn = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I, [_V16I] * 3)
+            return builder.call(fn, list(args))
+        # Portable: widen, multiply, add pairs of pairs (LLVM picks what the target has).
+        v64 = ir.VectorType(_I8, 64)
+        w64 = ir.VectorType(_I32, 64)
+        u = builder.zext(builder.bitcast(args[1], v64), w64)
+        s_ = builder.sext(builder.bitcast(args[2], v64), w64)
+        prod = builder.mul(u, s_)
+        out = args[0]
+        for k in range(4):
+            part = builder.shuffle_vector(
+                prod, ir.Constant(w64, ir.Undefined), ir.Constant(_V16I, list(range(k, 64, 4)))
+            )
+            out = builder.add(out, part)
+        return out
+
+    return i32x16(acc, unsigned_bytes, signed_bytes), codegen
+
+
+@intrinsic
+def vsum_i64(typingctx, v):
+    """Sum of the 16 int32 lanes, widened to int64 first (no overflow)."""
+
+    def codegen(context, builder, sig, args):
+        wide = builder.sext(args[0], ir.VectorType(_I64, 16))
+        fn = _fn(builder, "llvm.vector.reduce.add.v16i64", _I64, [ir.VectorType(_I64, 16)])
+        return builder.call(fn, [wide])
+
+    return types.int64(v), codegen
+
+
+@intrinsic
+def vones_bytes(typingctx):
+    """64 byte lanes of 1 (``vdpbusd(acc, vones_bytes(), q)`` sums the signed bytes of ``q``)."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V16I, [0x01010101] * 16)
+
+    return i32x16(), codegen
+
+
+@intrinsic
+def fold_limbs(typingctx, a0, a1, a2, qsum):
+    """Float32 lanes of ``a0 + 256*a1 + 65536*(a2 - 128*qsum)``: the per-lane dot product of
+    signed levels with the 24-bit fixed-point ``x`` (limb sums ``a0..a2``, offset ``2^23``
+    removed exactly in int32 before converting)."""
+
+    def codegen(context, builder, sig, args):
+        d2 = builder.sub(args[2], builder.shl(args[3], ir.Constant(_V16I, [7] * 16)))
+        f0, f1, f2 = (builder.sitofp(v, _V16F) for v in (args[0], args[1], d2))
+        fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F] * 3)
+        t = builder.call(fma, [f2, ir.Constant(_V16F, [256.0] * 16), f1])
+        return builder.call(fma, [t, ir.Constant(_V16F, [256.0] * 16), f0])
+
+    return f32x16(a0, a1, a2, qsum), codegen
