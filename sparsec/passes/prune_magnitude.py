@@ -13,7 +13,7 @@ from sparsec.ir.layers import layer_nodes
 from sparsec.passes.base import Pass, PassContext, PassOptionError, PassResult, register_pass
 from sparsec.passes.masks import (
     DEFAULT_IGNORE,
-    apply_mask,
+    apply_masks,
     check_finite,
     check_sparsity,
     layer_targets,
@@ -60,9 +60,9 @@ class PruneMagnitude(Pass):
         else:
             keeps = {layer.name: topk_keep_mask(layer.matrix(gm).detach().abs(), targets[layer.name])
                      for layer in chosen}
+        apply_masks(gm, [(layer, keeps[layer.name]) for layer in chosen])
         nodes = layer_nodes(gm)
         for layer in chosen:
-            apply_mask(gm, layer, keeps[layer.name])
             nodes[layer.name].meta[meta.PRUNE] = {
                 "criterion": "magnitude", "scope": self.scope,
                 "target": targets[layer.name] if self.scope == "layer" else self.sparsity,
