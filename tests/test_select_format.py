@@ -84,18 +84,20 @@ def test_dense_layers_stay_dense_and_sparse_ones_go_sparse_at_batch_one():
     rec = _decide(_sparse(256, 512, 0.75, 3))
     assert rec["format"] != "dense" and rec["value_type"] == "fp32", rec["reason"]
     assert rec["estimates"][rec["format"]] < rec["estimates"]["dense"]
-    # int8 on 2 CPU cores: decoding a 64-column chunk (~20 cycles) costs about what reading the
-    # dense int8 row takes, so the model keeps dense (DESIGN.md: that kernel was compute-bound).
     rec = _decide(_sparse(256, 512, 0.75, 3), "select-format{target=cpu,value_type=int8}")
+    assert rec["format"] == "bitmask", rec["reason"]  # 3.2 bits/weight against fp32 torch for dense
     assert rec["bytes"]["bitmask"] < rec["bytes"]["csr"] < rec["bytes"]["dense"]
-    assert rec["estimates"]["bitmask"] >= 0.9 * rec["estimates"]["dense"], rec["reason"]
     rec = _decide(_sparse(256, 512, 0.75, 3), "select-format{target=cuda,value_type=int8}")
-    assert rec["format"] == "bitmask", rec["reason"]  # a GPU decodes fast enough: bytes decide
+    assert rec["format"] == "bitmask", rec["reason"]
     assert "bits/weight" in rec["reason"] and rec["value_type"] == "int8" and "csr" not in rec["estimates"]
 
 
 def test_very_sparse_layers_pick_csr_and_big_batches_pick_dense():
+    # CSR costs ~11 cycles a kept value on the CPU, a bitmask ~3.4 a 16-column chunk: CSR wins
+    # only when fewer than about one value in 50 is kept.
     rec = _decide(_sparse(512, 1024, 0.98, 4))
+    assert rec["format"] == "bitmask", rec["reason"]
+    rec = _decide(_sparse(512, 1024, 0.995, 4))
     assert rec["format"] == "csr", rec["reason"]
     rec = _decide(_sparse(256, 512, 0.75, 3), "select-format{target=cpu,batch=4096}")
     assert rec["format"] == "dense", rec["reason"]
@@ -103,9 +105,12 @@ def test_very_sparse_layers_pick_csr_and_big_batches_pick_dense():
 
 def test_nm_candidates_use_the_sparsest_pattern_that_fits():
     w = _nm(64, 128, 1, 4, seed=5)
-    rec = _decide(w, 'select-format{target=cpu,formats="dense,nm"}')
+    rec = _decide(w, 'select-format{target=cuda,formats="dense,nm"}')
     assert "nm 1:4" in rec["estimates"] and "nm 2:4" not in rec["estimates"]
-    assert rec["format"] == "nm" and rec["options"] == {"n": 1, "m": 4}
+    assert rec["format"] == "nm" and rec["options"] == {"n": 1, "m": 4}, rec["reason"]
+    # The CPU's N:M loop costs ~11 cycles a stored value, more than torch's fp32 matmul here.
+    rec = _decide(w, 'select-format{target=cpu,formats="dense,nm"}')
+    assert rec["format"] == "dense" and "nm 1:4" in rec["estimates"], rec["reason"]
     rec = _decide(_sparse(64, 128, 0.75, 6), 'select-format{target=cpu,formats="dense,nm"}')
     assert not any(k.startswith("nm") for k in rec["estimates"])  # unstructured: N:M cannot store it
 

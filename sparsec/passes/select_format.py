@@ -10,21 +10,20 @@ for each candidate format
   ``max(bytes moved / bandwidth, work cycles / (threads * clock))``.
 
 Bytes moved are the stored weight plus the fp32 activations in and out. Work is modelled per
-format from how its kernel runs (see :class:`TargetModel`): a dense kernel does one FMA per
-weight per token; a bitmask kernel expands the kept values of a chunk of columns into a dense
-vector register, so it pays a fixed decode cost per chunk *whatever the sparsity* plus the dense
-FMAs; CSR pays a gather per kept value per token; N:M pays a decode per stored value; blocks pay
-their kept blocks' FMAs. At batch 1..16 the bytes dominate and sparse formats win once the
-layer is sparse enough; at large batch the work dominates and dense wins. The cheapest estimate
-is chosen; on a tie, or when nothing beats dense by ``margin``, the layer stays dense.
+format from how its kernel runs (see :class:`TargetModel`): a bitmask kernel decodes a chunk of
+columns at a fixed cost *whatever the sparsity*, plus a little per kept value and token; CSR and
+N:M pay a gather per stored value and token; dense runs where torch runs it, an fp32 matmul on
+the unpacked weight. The cheapest estimate is chosen; on a tie, or when nothing beats dense by
+``margin``, the layer stays dense.
 
 Formats with no kernel on the target (``TargetModel.kernels``) are only considered when named in
 ``formats``, and are then costed as what runs them: an fp32 dense matmul on the unpacked weight.
 
 Records ``meta.FORMAT = {"format", "value_type", "options", "estimates", "bytes", "reason"}``
 (estimates in seconds, per candidate label such as ``"bitmask"``, ``"nm 2:4"``, ``"block 4x4"``).
-The constants are documented defaults, not measurements of the machine at hand; override any of
-them with ``ctx.config["cost_model"] = {"cpu": {"bandwidth": 30e9, ...}}``.
+The CPU constants were fitted to the CPU kernels on this project's machine (see
+:class:`TargetModel`), the CUDA ones are unfitted guesses; override any of them with
+``ctx.config["cost_model"] = {"cpu": {"bandwidth": 30e9, ...}}``.
 
 Example: ``prune-magnitude{sparsity=0.7},quantize{bits=8},select-format{target=cpu,batch=1},lower-cpu``.
 """
@@ -55,29 +54,45 @@ _VALUE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4}
 
 @dataclass
 class TargetModel:
-    """Cost constants of one target. Cycle counts are per core (CPU) or per SM scheduler (CUDA).
+    """Cost constants of one target. Cycles are per thread: a CPU core, or a CUDA warp scheduler.
 
-    CPU defaults: a bitmask chunk costs 8 cycles to decode for 16-lane float chunks and 20 for
-    64-lane int8/int4 chunks (DESIGN.md: 7-18 cycles per 16-column chunk; an 11008x4096 int8
-    layer at 75% in 2.35 ms on 2 cores is ~20 cycles per 64-column chunk); 32 fp32 FMAs a cycle
-    (two 16-lane FMA units); a CSR kept value costs a scalar gather and FMA per token; 20 GB/s
-    of memory bandwidth for 2 cores. CUDA defaults are rough H100 figures (3 TB/s, 132 SMs x 4
-    schedulers at 1.7 GHz, 32-lane warps) and have not been fitted to measurements.
+    Work per format, in cycles (``B`` = tokens per call):
+
+    * formats with no kernel here (``kernels``), dense included where it runs through torch, and
+      every format from ``dense_min_batch`` tokens on (the CPU kernels hand prefill to torch):
+      an fp32 matmul on the unpacked weight, ``rows * cols * B / dense_fma_per_cycle``, moving
+      the fp32 weight;
+    * bitmask: ``chunks * (chunk_cycles + B * chunk_cycles_per_token) + nnz * B * nnz_cycles_per_token``
+      with ``chunks = rows * ceil(cols / chunk_lanes)``;
+    * csr: ``nnz * (csr_cycles + B * csr_cycles_per_token)``;
+    * nm: ``stored values * (nm_cycles + B * nm_cycles_per_token)``;
+    * block (if a kernel existed): ``kept blocks * block_cycles + kept weights * B / dense_fma_per_cycle``.
+
+    CPU defaults were fitted to ``benchmarks/select_format_check.py`` on this project's 2-core
+    AVX-512 machine (4096x4096, 50/75/90%, bf16 and int8, batch 1 and 16, CPU-time clock, while
+    other jobs loaded it), where the dense path is torch's fp32 ``F.linear``: it reached 37 GB/s
+    at batch 1 and 4.3 FMAs a cycle at batch 16. fp32 bitmask chunks are assumed to cost what bf16
+    ones did and int4 what int8 did (not measured). CUDA defaults are rough H100 figures (3 TB/s,
+    132 SMs x 4 schedulers at 1.7 GHz) and have not been checked against measurements.
     """
 
     bandwidth: float  # bytes / s
-    threads: int  # cores (CPU) or warp schedulers (CUDA)
+    threads: int
     clock: float  # Hz
-    fma_lanes: float  # fp32 multiply-adds a thread retires per cycle at full vector width
-    chunk_cycles: dict[str, float]  # bitmask decode cycles per chunk, by value type
+    dense_fma_per_cycle: float
     chunk_lanes: dict[str, int]  # columns per bitmask chunk, by value type
-    dequant_cycles: dict[str, float]  # extra cycles per weight to widen values to fp32 (dense)
-    csr_cycles: float  # per kept value: fixed, then per token
+    chunk_cycles: dict[str, float]
+    chunk_cycles_per_token: dict[str, float]
+    nnz_cycles_per_token: float
+    dequant_cycles: dict[str, float]  # a dense kernel's extra cycles per weight to widen values
+    csr_cycles: float
     csr_cycles_per_token: float
-    nm_cycles: float  # per stored value: decode, then per token
+    nm_cycles: float
     nm_cycles_per_token: float
-    block_cycles: float  # per kept block: mask test and addressing
-    kernels: tuple[str, ...] = ("dense", "bitmask", "csr", "nm")
+    block_cycles: float
+    kernels: tuple[str, ...] = ("bitmask", "csr", "nm")
+    #: from this batch on every kernel hands the call to torch's dense matmul (CPU prefill); None: never
+    dense_min_batch: int | None = None
 
     def cycles_to_seconds(self, cycles: float) -> float:
         return cycles / (self.threads * self.clock)
@@ -85,36 +100,42 @@ class TargetModel:
 
 def default_models(threads: int | None = None) -> dict[str, TargetModel]:
     cpu_threads = threads or max(1, torch.get_num_threads())
+    floats, ints = ("fp32", "bf16", "fp16"), ("int8", "int4")
     return {
         "cpu": TargetModel(
-            bandwidth=20e9,
+            bandwidth=37e9,
             threads=cpu_threads,
             clock=3.0e9,
-            fma_lanes=32.0,
-            chunk_cycles={"fp32": 8.0, "bf16": 8.0, "fp16": 8.0, "int8": 20.0, "int4": 20.0},
-            chunk_lanes={"fp32": 16, "bf16": 16, "fp16": 16, "int8": 64, "int4": 64},
+            dense_fma_per_cycle=4.3,
+            chunk_lanes={**{vt: 16 for vt in floats}, **{vt: 64 for vt in ints}},
+            chunk_cycles={**{vt: 3.25 for vt in floats}, **{vt: 8.7 for vt in ints}},
+            chunk_cycles_per_token={**{vt: 0.15 for vt in floats}, **{vt: 1.65 for vt in ints}},
+            nnz_cycles_per_token=0.16,
             dequant_cycles={"fp32": 0.0, "bf16": 1 / 16, "fp16": 1 / 16, "int8": 1 / 16, "int4": 1 / 8},
-            csr_cycles=1.0,
-            csr_cycles_per_token=1.0,
-            nm_cycles=0.25,
-            nm_cycles_per_token=1 / 16,
+            csr_cycles=9.4,
+            csr_cycles_per_token=1.5,
+            nm_cycles=9.0,
+            nm_cycles_per_token=2.1,
             block_cycles=2.0,
-            kernels=("dense", "bitmask", "csr", "nm"),
+            kernels=("bitmask", "csr", "nm"),
+            dense_min_batch=65,  # sparsec.codegen.cpu's CpuLinearKernel.DENSE_MIN_BATCH
         ),
         "cuda": TargetModel(
             bandwidth=3.0e12,
             threads=132 * 4,
             clock=1.7e9,
-            fma_lanes=32.0,
-            chunk_cycles={vt: 6.0 for vt in VALUE_TYPES},
+            dense_fma_per_cycle=32.0,
             chunk_lanes={vt: 32 for vt in VALUE_TYPES},
+            chunk_cycles={vt: 6.0 for vt in VALUE_TYPES},
+            chunk_cycles_per_token={vt: 0.5 for vt in VALUE_TYPES},
+            nnz_cycles_per_token=1 / 32,
             dequant_cycles={"fp32": 0.0, "bf16": 0.0, "fp16": 0.0, "int8": 1 / 32, "int4": 1 / 16},
             csr_cycles=1.0,
             csr_cycles_per_token=1.0,
             nm_cycles=1 / 16,
             nm_cycles_per_token=1 / 32,
             block_cycles=1.0,
-            kernels=("dense", "bitmask", "nm"),
+            kernels=("bitmask", "nm"),
         ),
     }
 
@@ -198,19 +219,21 @@ def format_nbytes(fmt: str, value_type: str, stats: WeightStats, group: int = 12
 def estimate_seconds(
     fmt: str, value_type: str, stats: WeightStats, batch: int, model: TargetModel, nbytes: int, **options
 ) -> float:
-    """One call's estimated time: ``max(memory time, compute time)`` (see module doc)."""
+    """One call's estimated time: ``max(memory time, compute time)`` (see :class:`TargetModel`)."""
     rows, cols, nnz = stats.rows, stats.cols, stats.nnz
     moved = nbytes + 4 * batch * (rows + cols)
-    dense_fma = rows * cols * batch / model.fma_lanes
-    if fmt not in model.kernels:
-        # No kernel for it on this target: torch runs an fp32 matmul on the unpacked weight.
+    fallback = model.dense_min_batch is not None and batch >= model.dense_min_batch
+    if fmt not in model.kernels or fallback:
+        # No kernel for it on this target (or not at this batch): torch runs an fp32 matmul on
+        # the unpacked weight.
         moved = 4 * rows * cols + 4 * batch * (rows + cols)
-        cycles = dense_fma
+        cycles = rows * cols * batch / model.dense_fma_per_cycle
     elif fmt == "dense":
-        cycles = dense_fma + rows * cols * model.dequant_cycles[value_type]
+        cycles = rows * cols * (batch / model.dense_fma_per_cycle + model.dequant_cycles[value_type])
     elif fmt == "bitmask":
         chunks = rows * math.ceil(cols / model.chunk_lanes[value_type])
-        cycles = chunks * model.chunk_cycles[value_type] + dense_fma
+        per_chunk = model.chunk_cycles[value_type] + batch * model.chunk_cycles_per_token[value_type]
+        cycles = chunks * per_chunk + nnz * batch * model.nnz_cycles_per_token
     elif fmt == "csr":
         cycles = nnz * (model.csr_cycles + batch * model.csr_cycles_per_token)
     elif fmt == "nm":
@@ -219,7 +242,7 @@ def estimate_seconds(
     elif fmt == "block":
         br, bc = options["block_shape"]
         kept = stats.blocks[(br, bc)]
-        cycles = kept * (model.block_cycles + br * bc * batch / model.fma_lanes)
+        cycles = kept * model.block_cycles + kept * br * bc * batch / model.dense_fma_per_cycle
     else:
         raise ValueError(f"no cost model for format {fmt!r}")
     return max(moved / model.bandwidth, model.cycles_to_seconds(cycles))
