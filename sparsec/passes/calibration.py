@@ -140,7 +140,8 @@ class _Run:
         # index of the last node reading each value, so the value is freed right after it ran
         self.last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in self.nodes}
         self.env: dict[fx.Node, Any] = {}
-        self.shared_stats: dict[fx.Node, LayerStatistics] = {}
+        # statistics by (input node, how the op reads it): q/k/v or gate/up reuse one computation
+        self.shared_stats: dict[tuple, LayerStatistics] = {}
 
     def run(self) -> list[str]:
         from tqdm.auto import tqdm
@@ -174,7 +175,8 @@ class _Run:
         for node in list(self.env):
             if self.last_use[node] <= index:
                 del self.env[node]
-                self.shared_stats.pop(node, None)
+                for key in [k for k in self.shared_stats if k[0] is node]:
+                    del self.shared_stats[key]
 
     def _evaluate(self, node: fx.Node) -> Any:
         if node.op == "get_attr":
@@ -210,12 +212,13 @@ class _Run:
     def _calibrate(self, node: fx.Node, layer: WeightedLayer) -> None:
         position = _input_position(self.gm, node, layer)
         x_node = node.args[position]
-        stats = self.shared_stats.get(x_node)
+        key = (x_node, layer.kind, layer.shape[1], repr(node.args[3:]) if layer.kind == "conv" else "")
+        stats = self.shared_stats.get(key)
         if stats is None:
             values = self.env[x_node]
             xs = values if isinstance(values, _PerSample) else [values]
             stats = _accumulate(xs, self.gm, node, layer, self.stats_kinds)
-            self.shared_stats[x_node] = stats
+            self.shared_stats[key] = stats
         self.on_layer(layer, stats)
         # The callback changed the weight in place; anything computed from it before this op
         # (the get_attr value, a `weight * mask` product) is refreshed so the op uses the new weight.
