@@ -1,17 +1,26 @@
-"""Artifacts on disk: a directory with a JSON manifest, safetensors weights and the graph source.
+"""Artifacts on disk: a directory that loads back into a working model without compiling.
 
-Layout (``FORMAT_VERSION`` 1)::
+Layout (``FORMAT_VERSION`` 2)::
 
-    DIR/manifest.json        format version, sparsec/torch/numba versions, target and its CPU
-                             features, pipeline text, per-layer formats, the compile report,
-                             and the sha256 of every other file
-    DIR/weights.safetensors  every packed layer's tensors (prefixed by the layer name) and the
-                             remaining parameters and buffers of the graph
-    DIR/graph.py             the graph's generated Python source, for reading and diffing
+    DIR/manifest.json        format version; sparsec/Python/torch/numba/llvmlite versions; target;
+                             pipeline text; capture method and input names; per-layer formats;
+                             the CPU the kernels were compiled for; the compile report; the
+                             sha256 of every other file and of the manifest itself
+    DIR/weights.safetensors  every packed layer's tensors (``kernel.<module>.<field>``) and the
+                             tensors the graph reads (``graph.<attribute path>``)
+    DIR/graph.json           the graph, node by node (see :mod:`sparsec.runtime.loader`)
+    DIR/graph.py             the same graph as generated Python source, for reading and diffing
+    DIR/kernels/             CPU targets: the kernels' relocatable object code (``*.o``) and the
+                             generated kernel sources they were compiled from
+                             (see :mod:`sparsec.codegen.cpu.aot`)
+
+CUDA artifacts hold no kernel code: the loader compiles their kernels again (the manifest says
+so under ``kernels.mode``).
 
 Writes are atomic: the artifact is assembled in a temporary sibling directory and renamed into
-place, so an interrupted save never leaves a half-written artifact under ``DIR``. Reading the
-manifest (:func:`read_manifest`) verifies every checksum and never unpickles anything.
+place, so an interrupted save leaves either the previous artifact or none under ``DIR``, never a
+half-written one. Reading the manifest (:func:`read_manifest`) verifies the manifest's own digest
+(a hand edit is refused) and every file's checksum, and never unpickles anything.
 """
 
 from __future__ import annotations
@@ -20,16 +29,19 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 GRAPH = "graph.py"
+GRAPH_JSON = "graph.json"
+KERNEL_DIR = "kernels"
 
 
 class ArtifactError(RuntimeError):
@@ -54,47 +66,68 @@ def host_cpu_features() -> list[str]:
 
 
 def versions() -> dict[str, str]:
+    """The versions an artifact records (and :func:`~sparsec.runtime.loader.check_compatible` compares)."""
+    import llvmlite
     import numba
 
     import sparsec
 
-    return {"sparsec": sparsec.__version__, "torch": torch.__version__, "numba": numba.__version__}
+    return {"sparsec": sparsec.__version__, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "torch": torch.__version__, "numba": numba.__version__, "llvmlite": llvmlite.__version__}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256`` entry."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_destination(dest: Path) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise ArtifactError(f"{dest} exists and is not a directory; choose a new or empty directory")
+    if dest.exists() and not (dest / MANIFEST).exists() and any(dest.iterdir()):
+        raise ArtifactError(f"{dest} exists and is not a sparsec artifact; choose an empty or new directory")
 
 
 def save_artifact(compiled: Any, path: str | os.PathLike) -> Path:
-    """Write ``compiled`` (a :class:`~sparsec.runtime.compiled.CompiledModule`) to ``path``."""
+    """Write ``compiled`` (a :class:`~sparsec.runtime.compiled.CompiledModule`) to ``path``.
+
+    A graph that cannot be described (an argument type or module the loader could not rebuild)
+    is refused before anything is written. ``path`` is replaced only once the new artifact is
+    complete; an existing artifact there is replaced, any other non-empty directory refused.
+    """
     from safetensors.torch import save_file
 
-    from sparsec.runtime.compiled import KernelLinear
+    from sparsec.runtime.compiled import CompiledModule, KernelLinear
+    from sparsec.runtime.loader import encode_graph
 
+    if not isinstance(compiled, CompiledModule):
+        raise ArtifactError(f"save needs a CompiledModule from sparsec.compile, got {type(compiled).__name__}")
     dest = Path(path)
-    if dest.exists() and not (dest / MANIFEST).exists() and any(dest.iterdir()):
-        raise ArtifactError(f"{dest} exists and is not a sparsec artifact; choose an empty or new directory")
+    _check_destination(dest)
     gm = compiled.graph_module
     tensors: dict[str, torch.Tensor] = {}
     layers = []
-    kernel_modules = set()
+    kernel_modules: dict[str, KernelLinear] = {}
     for name, module in gm.named_modules():
         if isinstance(module, KernelLinear):
-            kernel_modules.add(name)
+            kernel_modules[name] = module
             packed = module.packed
-            tensors.update({k: v.contiguous() for k, v in packed.tensors(f"kernel.{name}").items()})
+            tensors.update(packed.tensors(f"kernel.{name}"))
             layers.append({"module": name, "layer": module.layer, "format": packed.format_name,
                            "value_type": packed.value_type, "shape": list(packed.shape),
-                           "nbytes": packed.nbytes(), "activation": module.activation,
-                           "bias": module.bias is not None})
-    seen: set[int] = set()
-    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        tensors[f"graph.{name}"] = t.detach().contiguous()
-    report = compiled.report.to_dict() if compiled.report is not None else None
-    manifest = {
+                           "options": _jsonable(packed.options()), "nbytes": packed.nbytes(),
+                           "activation": module.activation, "bias": module.bias is not None})
+            if module.bias is not None:
+                tensors[f"graph.{name}.bias"] = module.bias
+    graph_desc, graph_tensors = encode_graph(gm, set(kernel_modules))
+    tensors.update({f"graph.{k}": v for k, v in graph_tensors.items()})
+    tensors = _independent(tensors)
+    report = compiled.report.to_dict() if hasattr(compiled.report, "to_dict") else compiled.report
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "versions": versions(),
         "target": compiled.target,
-        "cpu_features": host_cpu_features() if compiled.target == "cpu" else [],
         "pipeline": compiled.pipeline,
         "capture_method": compiled.method,
         "input_names": compiled.input_names,
@@ -102,25 +135,82 @@ def save_artifact(compiled: Any, path: str | os.PathLike) -> Path:
                             if isinstance(v, (bool, int, float, str, type(None)))},
         "layers": layers,
         "report": _jsonable(report),
+        "notes": [f"dropped node {n}: torch.export's input guard (its code is generated at export)"
+                  for n in graph_desc["dropped"]],
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
+        _umask_permissions(tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / GRAPH_JSON).write_text(json.dumps(graph_desc))
         (tmp / GRAPH).write_text(gm.code)
-        manifest["files"] = {f: _sha256(tmp / f) for f in (WEIGHTS, GRAPH)}
+        manifest["kernels"] = _write_kernels(compiled.target, layers, tmp / KERNEL_DIR)
+        manifest["cpu_features"] = manifest["kernels"].get("features", [])
+        manifest["files"] = {p.relative_to(tmp).as_posix(): _sha256(p)
+                             for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                os.chmod(p, 0o666 & ~os.umask(os.umask(0)))
+        _replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _umask_permissions(tmp: Path) -> None:
+    """mkdtemp makes a private (0700) directory; the artifact gets the permissions any new one would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+
+
+def _write_kernels(target: str, layers: list[dict], folder: Path) -> dict[str, Any]:
+    if target != "cpu":
+        return {"mode": "compile", "reason": f"{target} kernels are compiled again when the artifact loads"}
+    from sparsec.codegen.cpu.aot import export_kernels
+
+    # generated kernel modules are named "<format>_<value type>" (see sparsec.codegen.cpu.codecache)
+    keys = {f"{x['format']}_{x['value_type']}" for x in layers}
+    section = export_kernels(folder, generated_keys=keys)
+    return {"mode": "object", **section}
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Move the finished ``tmp`` to ``dest``; an artifact already there is swapped out, not merged."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _independent(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors that share no storage (safetensors refuses shared memory): a tensor
+    seen before, or a view into one, is copied."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen or not t.is_contiguous():
+            t = t.contiguous().clone()
+        if ptr is not None:
+            seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -140,7 +230,8 @@ def is_artifact(path: str | os.PathLike) -> bool:
 
 
 def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """The manifest of the artifact at ``path``, after checking its version and every checksum."""
+    """The manifest of the artifact at ``path``, after checking its format version, its own
+    digest and (``verify``) the presence and sha256 of every file it lists."""
     root = Path(path)
     mpath = root / MANIFEST
     if not mpath.is_file():
@@ -154,10 +245,14 @@ def read_manifest(path: str | os.PathLike, verify: bool = True) -> dict[str, Any
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{mpath} has artifact format version {version!r}, this sparsec reads "
                             f"{FORMAT_VERSION}; recompile with this version")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise ArtifactError(f"{mpath} does not match its own digest (manifest_sha256): it was edited by hand or "
+                            f"damaged; recompile the artifact")
     if verify:
         files = manifest.get("files")
-        if not isinstance(files, dict) or set(files) != {WEIGHTS, GRAPH}:
-            raise ArtifactError(f"{mpath} does not list the checksums of {WEIGHTS} and {GRAPH}; the manifest "
+        required = {WEIGHTS, GRAPH_JSON}
+        if not isinstance(files, dict) or not required <= set(files):
+            raise ArtifactError(f"{mpath} does not list the checksums of {WEIGHTS} and {GRAPH_JSON}; the manifest "
                                 f"was edited or damaged: recompile")
         for name, digest in files.items():
             fpath = root / name
