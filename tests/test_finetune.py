@@ -234,3 +234,21 @@ def test_eager_student_is_trained_in_place():
     hist = finetune(model, None, data(), cfg(steps=2, ce=1.0, kl=0.0, squarehead=0.0))
     assert len(hist) == 2
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_gradual_schedule_resumes_exactly_across_a_pruning_step(tmp_path):
+    sched = CubicSchedule(final_sparsity=0.6, num_prunings=2, frequency=3, start_step=1)
+    s1, t1 = pair(0.0)
+    straight = finetune(s1, t1, data(), cfg(steps=8, gradual=sched, checkpoint_dir=str(tmp_path / "a")))
+    # stopped at step 2: one pruning happened (step 1), so the checkpoint holds masks the fresh
+    # student does not have yet
+    s2, t2 = pair(0.0)
+    finetune(s2, t2, data(), cfg(steps=8, gradual=sched, checkpoint_dir=str(tmp_path / "b"), stop_at=2))
+    s3, t3 = pair(0.0)
+    assert not mask_pairs(s3)
+    resumed = finetune(s3, t3, data(), cfg(steps=8, gradual=sched, checkpoint_dir=str(tmp_path / "b")))
+    assert resumed.start_step == 2
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert resumed.masks_checksum == straight.masks_checksum
+    for k, v in params(s1).items():
+        assert torch.equal(v, params(s3)[k]), k

@@ -102,3 +102,17 @@ def test_cli_empty_data_file(files, capsys):
                  "-o", str(files / "never")])
     assert code == 2 and "empty" in capsys.readouterr().err
     assert not (files / "never").exists()
+
+
+def test_example_tiny_run_recovers_perplexity(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "finetune_squarehead.py"
+    spec = importlib.util.spec_from_file_location("finetune_squarehead", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--tiny", "--steps", "20"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    before, after = (float(x) for x in line.split("one-shot ")[1].split(" after")[0].split(" -> fine-tuned "))
+    assert after < before and line.endswith("still zero: True")

@@ -1,0 +1,267 @@
+"""Accuracy recovery after pruning: CE vs CE + KL vs CE + SquareHead fine-tuning (SmolLM2-135M).
+
+The experiment of Kurtic et al. (2023), scaled to what a CPU finishes in about an hour:
+
+1. teacher: the bundled SmolLM2-135M, fine-tuned densely (CE) for ``--teacher-steps`` steps on
+   the train split of the bundled Wikipedia text;
+2. students: the teacher pruned one-shot with SparseGPT (every Linear but ``lm_head``) to each
+   of ``--sparsities``, calibrated on ``--calibration`` train windows;
+3. each student fine-tuned with fixed masks for the same ``--steps`` under (a) CE only,
+   (b) CE + KL(teacher || student) and (c) CE + SquareHead (the authors' a=1, c=1), same data
+   order, learning rate and schedule;
+4. held-out perplexity (``sparsec.data.heldout_windows``, spread over all 20 held-out articles)
+   of the dense teacher, every one-shot student and every fine-tuned student.
+
+    python benchmarks/recovery.py                          # the whole table, ~1 h on 2 cores
+    python benchmarks/recovery.py --steps 4 --teacher-steps 2 --sparsities 0.5 --eval-windows 4
+
+Results go to ``--out`` (default ``benchmarks/results/recovery``): ``results.jsonl`` (one line per
+measurement, appended as it completes, so an interrupted run keeps what it finished and a rerun
+with the same settings skips it) and ``table.md``. The tuned teacher and the pruned students are
+cached under ``$SPARSEC_CACHE/recovery/<settings hash>`` so a rerun does not redo them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+LOSSES = {
+    "ce": {"ce": 1.0, "kl": 0.0, "squarehead": 0.0},
+    "ce+kl": {"ce": 1.0, "kl": 1.0, "squarehead": 0.0},
+    "ce+squarehead": {"ce": 1.0, "kl": 0.0, "squarehead": 1.0},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sparsities", default="0.5,0.7,0.8", help="comma-separated (default: %(default)s)")
+    p.add_argument("--pruner", default="sparsegpt", choices=("sparsegpt", "magnitude"),
+                   help="one-shot pruning pass (default: %(default)s)")
+    p.add_argument("--losses", default=",".join(LOSSES),
+                   help="comma-separated subset of " + ", ".join(LOSSES))
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="training and evaluation window (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=2, help="sequences per optimizer step (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="fine-tuning steps per student (default: %(default)s)")
+    p.add_argument("--teacher-steps", type=int, default=20, help="dense teacher steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--teacher-lr", type=float, default=3e-5,
+                   help="teacher learning rate (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.1,
+                   help="warmup fraction of the steps (default: %(default)s)")
+    p.add_argument("--calibration", type=int, default=16,
+                   help="SparseGPT calibration windows (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows (default: %(default)s)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training (evaluation is fp32)")
+    # On a CPU shared with other work, one thread per process ran a training step 3-5x faster than
+    # two contending threads (measured here: 10 s vs 35-50 s for 2 x 128 tokens with a teacher).
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default: %(default)s; 0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/recovery",
+                   help="results directory (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def settings_key(args: argparse.Namespace) -> str:
+    """Hash of everything that changes a number, so cached models and rows are never mixed up."""
+    keep = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "sparsities", "losses")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def hardware() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "loadavg_start": os.getloadavg()[0]}
+
+
+class Results:
+    """``results.jsonl`` rows for this settings key; appending writes through at once."""
+
+    def __init__(self, out: Path, key: str) -> None:
+        self.path = out / "results.jsonl"
+        self.key = key
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("settings") == key:
+                    self.rows[row["name"]] = row
+
+    def has(self, name: str) -> bool:
+        return name in self.rows
+
+    def add(self, name: str, **row) -> dict:
+        row = {"name": name, "settings": self.key, **row, "loadavg": round(os.getloadavg()[0], 1)}
+        self.rows[name] = row
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        shown = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("name", "settings"))
+        print(f"[recovery] {name}: {shown}", flush=True)
+        return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from sparsec.capture import capture
+    from sparsec.data import heldout_windows, perplexity, token_windows
+    from sparsec.finetune import FinetuneConfig, finetune
+    from sparsec.finetune.model import DistillModel
+    from sparsec.models import cache_dir, load
+    from sparsec.passes import PassContext, make_pass, run_passes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    losses = [s.strip() for s in args.losses.split(",") if s.strip()]
+    unknown = [x for x in losses if x not in LOSSES]
+    if unknown:
+        print(f"recovery: unknown loss {unknown}; choose from {', '.join(LOSSES)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = settings_key(args)
+    cache = cache_dir() / "recovery" / key
+    cache.mkdir(parents=True, exist_ok=True)
+    results = Results(out, key)
+    hw = hardware()
+    print(f"[recovery] settings {key}: {json.dumps(vars(args))}", flush=True)
+    print(f"[recovery] hardware {json.dumps(hw)}", flush=True)
+    t_all = time.perf_counter()
+
+    model, tok = load("smollm2-135m")
+    train = token_windows(tok, "train", seq_len=args.seq_len)  # every non-overlapping train window
+    calib = token_windows(tok, "train", seq_len=args.seq_len, count=args.calibration, seed=args.seed + 1)
+    heldout = heldout_windows(tok, seq_len=args.seq_len, windows=args.eval_windows)
+    example = train[:2].clone()
+    base = capture(model, {"input_ids": example})
+    teacher = DistillModel(base.graph_module, base.constant_kwargs)
+
+    def ppl(dm: DistillModel) -> float:
+        return perplexity(lambda input_ids: dm(input_ids)[0], heldout, batch_size=4)
+
+    def config(steps: int, lr: float, seed: int = args.seed, **weights) -> FinetuneConfig:
+        return FinetuneConfig(steps=steps, micro_batch_size=args.batch, lr=lr,
+                              warmup_steps=int(args.warmup * steps), bf16=args.bf16, seed=seed,
+                              device="cpu", strategy="none", progress=True, **weights)
+
+    # 1. the dense teacher
+    teacher_file = cache / "teacher.pt"
+    if teacher_file.exists():
+        teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
+    else:
+        if not results.has("dense-base"):
+            results.add("dense-base", kind="dense", sparsity=0.0, loss="none", steps=0, ppl=ppl(teacher))
+        t0 = time.perf_counter()
+        # the teacher draws its windows in another order than the students do
+        teacher_config = config(args.teacher_steps, args.teacher_lr, args.seed + 1000, **LOSSES["ce"])
+        finetune(teacher, None, train, teacher_config)
+        torch.save(teacher.state_dict(), teacher_file)
+        results.add("dense-teacher", kind="teacher", sparsity=0.0, loss="ce", steps=args.teacher_steps,
+                    ppl=ppl(teacher), seconds=round(time.perf_counter() - t0, 1))
+    if not results.has("dense-teacher"):
+        results.add("dense-teacher", kind="teacher", sparsity=0.0, loss="ce", steps=args.teacher_steps,
+                    ppl=ppl(teacher))
+
+    for sparsity in sparsities:
+        # 2. one-shot pruned student
+        pruned_file = cache / f"pruned-{args.pruner}-{sparsity}.pt"
+        pruned = copy.deepcopy(teacher)
+        if pruned_file.exists():
+            _load_pruned(pruned, torch.load(pruned_file, weights_only=True))
+        else:
+            t0 = time.perf_counter()
+            pass_ = make_pass(f"prune-{args.pruner}", sparsity=sparsity)
+            samples = [((), {"input_ids": w[None].clone(), **base.constant_kwargs}) for w in calib]
+            run_passes(pruned.graph_module, [pass_], PassContext(calibration=samples, progress=True))
+            torch.save(pruned.state_dict(), pruned_file)
+            results.add(f"oneshot-{sparsity}", kind="oneshot", sparsity=sparsity, loss="none", steps=0,
+                        ppl=ppl(pruned), seconds=round(time.perf_counter() - t0, 1))
+        if not results.has(f"oneshot-{sparsity}"):
+            results.add(f"oneshot-{sparsity}", kind="oneshot", sparsity=sparsity, loss="none", steps=0,
+                        ppl=ppl(pruned))
+        # 3. fine-tuned students, same budget for every loss
+        for loss in losses:
+            name = f"{loss}-{sparsity}"
+            if results.has(name):
+                continue
+            student = copy.deepcopy(pruned)
+            t0 = time.perf_counter()
+            history = finetune(student, teacher if loss != "ce" else None, train,
+                               config(args.steps, args.lr, **LOSSES[loss]))
+            seconds = time.perf_counter() - t0
+            results.add(name, kind="finetuned", sparsity=sparsity, loss=loss, steps=args.steps,
+                        ppl=ppl(student), seconds=round(seconds, 1), mask_violations=history.mask_violations,
+                        final_train_loss=history[-1]["loss"], final_ce=history[-1].get("ce"))
+            del student
+    total = time.perf_counter() - t_all
+    table = render(results.rows, sparsities, losses, args, hw, total)
+    (out / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
+def _load_pruned(dm, state: dict) -> None:
+    """Load a pruned student's state (weights + mask buffers) into a copy of the dense teacher."""
+    from sparsec.ir.layers import find_layers
+    from sparsec.passes.masks import apply_mask, mask_buffer_name
+
+    gm = dm.graph_module
+    for layer in find_layers(gm):
+        key = f"graph_module.{mask_buffer_name(layer)}"
+        if key in state and mask_buffer_name(layer) not in dict(gm.named_buffers()):
+            apply_mask(gm, layer, layer.as_matrix(state[key]) != 0)
+    dm.load_state_dict(state)
+
+
+def render(rows: dict[str, dict], sparsities: list[float], losses: list[str], args: argparse.Namespace,
+           hw: dict, total: float) -> str:
+    def cell(name: str) -> str:
+        row = rows.get(name)
+        return f"{row['ppl']:.2f}" if row else "-"
+
+    lines = [
+        f"Held-out perplexity, SmolLM2-135M, {args.pruner} one-shot then {args.steps} steps of fine-tuning "
+        f"(batch {args.batch} x {args.seq_len} tokens, lr {args.lr}, {'bf16' if args.bf16 else 'fp32'}); "
+        f"{args.eval_windows} held-out windows of {args.seq_len} tokens.",
+        "",
+        f"dense base model: {cell('dense-base')}; dense teacher ({args.teacher_steps} CE steps): "
+        f"{cell('dense-teacher')}",
+        "",
+        "| sparsity | one-shot | " + " | ".join(losses) + " |",
+        "|---|---|" + "---|" * len(losses),
+    ]
+    for s in sparsities:
+        tuned = " | ".join(cell(f"{loss}-{s}") for loss in losses)
+        lines.append(f"| {s:.0%} | {cell(f'oneshot-{s}')} | {tuned} |")
+    lines += ["", f"hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} with "
+                  f"{hw['torch_threads']} threads; load average at start {hw['loadavg_start']:.1f}; this "
+                  f"invocation took {total / 60:.1f} min"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
