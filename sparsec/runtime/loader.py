@@ -177,16 +177,22 @@ def _encode_target(node: fx.Node) -> Any:
     if isinstance(t, torch._ops.OpOverloadPacket):
         ns, _, name = t._qualified_op_name.partition("::")
         return {"op_packet": [ns, name]}
-    module, qualname = getattr(t, "__module__", None), getattr(t, "__qualname__", None)
-    if module is None or qualname is None:
+    module = getattr(t, "__module__", None)
+    # torch's C functions report a qualname inside a private class; their plain name is public
+    names = [n for n in (getattr(t, "__qualname__", None), getattr(t, "__name__", None)) if n]
+    if module is None or not names:
         raise GraphCodecError(f"node {node.name}: calls {t!r}, which has no importable name")
-    try:
-        ok = _resolve_function(module, qualname) is t
-    except GraphCodecError as e:
-        raise GraphCodecError(f"node {node.name}: {e}") from None
-    if not ok:
-        raise GraphCodecError(f"node {node.name}: {module}.{qualname} does not name the function the graph calls")
-    return {"function": [module, qualname]}
+    error = None
+    for name in dict.fromkeys(names):
+        try:
+            if _resolve_function(module, name) is t:
+                return {"function": [module, name]}
+        except GraphCodecError as e:
+            error = e
+    if error is not None and ("may only call" in str(error) or "may not call" in str(error)):
+        raise GraphCodecError(f"node {node.name}: {error}") from None
+    raise GraphCodecError(f"node {node.name}: {module}.{names[0]} does not name the function the graph calls, "
+                          f"so an artifact cannot refer to it")
 
 
 def _decode_target(op: str, target: Any) -> Any:
