@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The API pulls in torch, transformers and numba; import it on first use so that
     # `import sparsec.formats` or the CLI's argument parsing stay fast.
-    if name in ("compile", "save", "CompiledModule", "CompileReport"):
+    if name in ("compile", "save", "load", "CompiledModule", "CompileReport"):
         from sparsec import api
         from sparsec.runtime.compiled import CompiledModule
 
@@ -20,4 +20,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sparsec' has no attribute {name!r}")
 
 
-__all__ = ["compile", "save", "CompiledModule", "CompileReport", "__version__"]
+__all__ = ["compile", "save", "load", "CompiledModule", "CompileReport", "__version__"]

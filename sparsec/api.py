@@ -179,3 +179,33 @@ def save(compiled: CompiledModule, path: str) -> None:
     from sparsec.runtime.artifact import save_artifact
 
     save_artifact(compiled, path)
+
+
+# -- loading artifacts ------------------------------------------------------------------------
+
+
+def load(path: str) -> CompiledModule:
+    """Rebuild the :class:`CompiledModule` saved at ``path`` without compiling or unpickling
+    (see ``sparsec/runtime/loader.py``); its ``report`` is the saved :class:`CompileReport`."""
+    from sparsec.runtime.loader import load_artifact
+
+    compiled = load_artifact(path)
+    if isinstance(compiled.report, dict):
+        compiled.report = _report_from_dict(compiled.report)
+    return compiled
+
+
+def _report_from_dict(d: dict) -> CompileReport | None:
+    """The CompileReport a manifest recorded (``None`` when it holds none or one of another shape)."""
+    from dataclasses import fields
+
+    try:
+        known = {f.name for f in fields(CompileReport)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["layers"] = [LayerRecord(**{**x, "shape": tuple(x["shape"])}) for x in d.get("layers", [])]
+        kwargs["opaque"] = [OpaquePart(**x) for x in d.get("opaque", [])]
+        kwargs["pass_seconds"] = [tuple(x) for x in d.get("pass_seconds", [])]
+        return CompileReport(**kwargs)
+    except (TypeError, KeyError):
+        return None
+
