@@ -77,7 +77,7 @@ class CpuLinearKernel:
     ROWS_MAX_BATCH = 4
     DENSE_MIN_BATCH = 65
     #: layers with fewer dense positions than this run on one thread.
-    PARALLEL_MIN_WEIGHTS = 1 << 16
+    PARALLEL_MIN_WEIGHTS = 1 << 22
 
     def __init__(
         self,
@@ -157,7 +157,7 @@ class CpuLinearKernel:
                 f"input has shape {tuple(x.shape)}, expected [..., {self.cols}] (in_features of this layer)"
             )
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.cols)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.cols)
         B = x2.shape[0]
         if B == 0 or self.rows == 0:
             y = torch.zeros(B, self.rows, dtype=torch.float32)
@@ -167,7 +167,7 @@ class CpuLinearKernel:
             y = act(y) if act is not None else y
         else:
             y = self._impl(x2)
-        return y.reshape(*lead, self.rows)
+        return y if x.dim() == 2 else y.reshape(*lead, self.rows)
 
     def __repr__(self) -> str:
         return (
@@ -245,6 +245,13 @@ class _BitmaskImpl:
             self.rowsum = cs[self.offs + counts] - cs[self.offs]
         else:
             self.rowsum = self._i1
+        self._plans: dict[int, tuple] = {}
+        # the kernels' arguments that never change for this layer (order: bitmask.ARGS)
+        self.fixed = (
+            self.vals, self.bm, self.nbytes, self.offs, self.scales, self.gstride, self.gs,
+            k._bias_np, self.actc, self.nfull_w, self.tail_w, self.nfull_16, self.tail_16,
+            self.ibuf, self.vbuf, self.obuf, self.cap, self.rowsum,
+        )  # fmt: skip
         # Compile (or load from the disk cache) every function this layer can call, now.
         gen = torch.Generator().manual_seed(0)
         for B in self.warm_batches():
@@ -282,8 +289,11 @@ class _BitmaskImpl:
     def run(self, x2: torch.Tensor, charge: bool) -> torch.Tensor:
         k = self.k
         B = x2.shape[0]
-        family, tile = self.plan(B)
-        fn = bm_kernels.kernel_function(self.vt, family, tile)
+        hit = self._plans.get(B)
+        if hit is None:
+            family, tile = self.plan(B)
+            hit = self._plans[B] = (family, tile, bm_kernels.kernel_function(self.vt, family, tile))
+        family, tile, fn = hit
         xn = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
         xa, xstride, xt, lw, xs, acc = self._f1, 0, self._f1, 0, self._f2, self._d2
         xq, limb, sxs = self._u1, 0, self._d1
@@ -308,12 +318,7 @@ class _BitmaskImpl:
             xs = xn
             acc = np.zeros((len(self.parts) - 1, B), dtype=np.float64)
         y = np.empty((Bp, k.rows), dtype=np.float32)
-        args = (
-            Bp, self.vals, self.bm, self.nbytes, self.offs, self.scales, self.gstride, self.gs,
-            k._bias_np, self.actc, y, xa, xstride, self.nfull_w, self.tail_w,
-            xt, lw, self.nfull_16, self.tail_16, self.ibuf, self.vbuf, self.obuf, self.cap, xs, acc,
-            xq, 3 * limb, limb, sxs, self.rowsum,
-        )  # fmt: skip
+        args = (Bp,) + self.fixed + (y, xa, xstride, xt, lw, xs, acc, xq, 3 * limb, limb, sxs)
         if charge and not fn.signatures:
             t0 = time.perf_counter()
             run_ranges(fn, self.parts, args)

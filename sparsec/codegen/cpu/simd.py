@@ -646,3 +646,19 @@ def fold_limbs(typingctx, a0, a1, a2, qsum):
         return builder.call(fma, [t, ir.Constant(_V16F, [256.0] * 16), f0])
 
     return f32x16(a0, a1, a2, qsum), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, index, byte_offset):
+    """Hint the cache line ``byte_offset`` bytes past ``arr[index]`` into L1 (``llvm.prefetch``;
+    never faults, so running past the array's end is harmless)."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        off = context.cast(builder, args[2], sig.args[2], types.int64)
+        raw = builder.gep(builder.bitcast(p, _I8.as_pointer()), [off])
+        fn = _fn(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        builder.call(fn, [raw, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, index, byte_offset), codegen
