@@ -104,13 +104,8 @@ def _encode_type(t: Any) -> dict | None:
     from numba.core import types
 
     if isinstance(t, types.Array) and isinstance(t.dtype, (types.Integer, types.Float, types.Boolean)):
-        return {
-            "array": str(t.dtype),
-            "ndim": t.ndim,
-            "layout": t.layout,
-            "readonly": not t.mutable,
-            "aligned": bool(t.aligned),
-        }
+        return {"array": str(t.dtype), "ndim": t.ndim, "layout": t.layout, "readonly": not t.mutable,
+                "aligned": bool(t.aligned)}
     if isinstance(t, (types.Integer, types.Float, types.Boolean)):
         return {"scalar": str(t)}
     return None
@@ -127,13 +122,8 @@ def _decode_type(d: dict) -> Any:
     from numba.core import types
 
     if "array" in d:
-        return types.Array(
-            _scalar(d["array"]),
-            int(d["ndim"]),
-            str(d["layout"]),
-            readonly=bool(d["readonly"]),
-            aligned=bool(d["aligned"]),
-        )
+        return types.Array(_scalar(d["array"]), int(d["ndim"]), str(d["layout"]), readonly=bool(d["readonly"]),
+                           aligned=bool(d["aligned"]))
     return _scalar(d["scalar"])
 
 
@@ -143,10 +133,8 @@ def _decode_type(d: dict) -> Any:
 def undefined_symbols(obj: bytes) -> list[str]:
     """Names an ELF64 little-endian relocatable object references but does not define."""
     if obj[:4] != b"\x7fELF" or obj[4] != 2 or obj[5] != 1:
-        raise AotError(
-            "kernel object code is not ELF64 little-endian; ahead-of-time kernels need Linux x86-64"
-        )
-    (shoff,) = struct.unpack_from("<Q", obj, 0x28)
+        raise AotError("kernel object code is not ELF64 little-endian; ahead-of-time kernels need Linux x86-64")
+    shoff, = struct.unpack_from("<Q", obj, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
     names: set[str] = set()
@@ -156,13 +144,11 @@ def undefined_symbols(obj: bytes) -> list[str]:
         strtab = sections[sh[6]]
         str_off = strtab[4]
         for k in range(sh[5] // sh[9]):
-            st_name, st_info, _other, st_shndx, _value, _size = struct.unpack_from(
-                "<IBBHQQ", obj, sh[4] + k * sh[9]
-            )
+            st_name, st_info, _other, st_shndx, _value, _size = struct.unpack_from("<IBBHQQ", obj, sh[4] + k * sh[9])
             if st_shndx != 0 or st_name == 0 or (st_info >> 4) == 0:  # defined, unnamed or local
                 continue
             end = obj.index(b"\0", str_off + st_name)
-            names.add(obj[str_off + st_name : end].decode())
+            names.add(obj[str_off + st_name:end].decode())
     return sorted(names)
 
 
@@ -173,16 +159,16 @@ def undefined_symbols(obj: bytes) -> list[str]:
 class ExportedKernel:
     """One compiled signature of one kernel function, as the manifest records it."""
 
-    module: str  # the function's module (generated modules: see ``generated``)
+    module: str           # the function's module (generated modules: see ``generated``)
     generated: str | None  # codecache key of a generated module, else None
     qualname: str
     argtypes: list[dict]
-    wrapper: str  # symbol of Numba's CPython wrapper
-    env: str  # symbol of the wrapper's environment pointer
-    object: str  # file name under the artifact's kernel folder
+    wrapper: str          # symbol of Numba's CPython wrapper
+    env: str              # symbol of the wrapper's environment pointer
+    object: str           # file name under the artifact's kernel folder
     sha256: str
     undefined: list[str]
-    source: str  # "jit" (the object that ran) or "recompiled" (a private copy, same code)
+    source: str           # "jit" (the object that ran) or "recompiled" (a private copy, same code)
 
 
 def _sha256(data: bytes) -> str:
@@ -212,12 +198,8 @@ def _entry_overloads() -> list[tuple[Any, str | None, Any, tuple, Any]]:
     for mod, key in _kernel_modules():
         for value in list(vars(mod).values()):
             # a function belongs to the module that defines it, not to those that import it
-            if (
-                isinstance(value, CPUDispatcher)
-                and value.overloads
-                and id(value) not in found
-                and value.py_func.__module__ == mod.__name__
-            ):
+            if (isinstance(value, CPUDispatcher) and value.overloads and id(value) not in found
+                    and value.py_func.__module__ == mod.__name__):
                 found[id(value)] = (mod, key, value)
     linked: set[int] = set()
 
@@ -274,53 +256,26 @@ def export_kernels(directory: str | os.PathLike, generated_keys: set[str] | None
     kernels: list[dict] = []
     skipped: list[dict] = []
     generated: dict[str, dict] = {}
-    entries = [
-        e for e in _entry_overloads() if e[1] is None or generated_keys is None or e[1] in generated_keys
-    ]
+    entries = [e for e in _entry_overloads() if e[1] is None or generated_keys is None or e[1] in generated_keys]
     for index, (mod, key, disp, sig, cres) in enumerate(
-        sorted(entries, key=lambda e: (e[0].__name__, e[2].py_func.__qualname__, str(e[3])))
-    ):
+            sorted(entries, key=lambda e: (e[0].__name__, e[2].py_func.__qualname__, str(e[3])))):
         qualname = disp.py_func.__qualname__
         argtypes = [_encode_type(t) for t in sig]
         if any(a is None for a in argtypes) or cres.objectmode or cres.signature.return_type != types.none:
-            skipped.append(
-                {
-                    "module": mod.__name__,
-                    "qualname": qualname,
-                    "signature": str(sig),
-                    "reason": "arguments other than arrays and numbers, or a return value",
-                }
-            )
+            skipped.append({"module": mod.__name__, "qualname": qualname, "signature": str(sig),
+                            "reason": "arguments other than arrays and numbers, or a return value"})
             continue
         if [_decode_type(a) for a in argtypes] != list(sig):
-            skipped.append(
-                {
-                    "module": mod.__name__,
-                    "qualname": qualname,
-                    "signature": str(sig),
-                    "reason": "argument types do not round-trip through their description",
-                }
-            )
+            skipped.append({"module": mod.__name__, "qualname": qualname, "signature": str(sig),
+                            "reason": "argument types do not round-trip through their description"})
             continue
         obj, fndesc, how = _object_code(disp, sig, cres)
         fname = f"k{index:03d}_{qualname}.o"
         (folder / fname).write_bytes(obj)
-        kernels.append(
-            asdict(
-                ExportedKernel(
-                    module=mod.__name__,
-                    generated=key,
-                    qualname=qualname,
-                    argtypes=argtypes,
-                    wrapper=fndesc.llvm_cpython_wrapper_name,
-                    env=fndesc.env_name,
-                    object=fname,
-                    sha256=_sha256(obj),
-                    undefined=undefined_symbols(obj),
-                    source=how,
-                )
-            )
-        )
+        kernels.append(asdict(ExportedKernel(
+            module=mod.__name__, generated=key, qualname=qualname, argtypes=argtypes,
+            wrapper=fndesc.llvm_cpython_wrapper_name, env=fndesc.env_name, object=fname,
+            sha256=_sha256(obj), undefined=undefined_symbols(obj), source=how)))
         if key is not None and key not in generated:
             src = Path(mod.__file__).read_text()
             sname = f"{mod.__name__}.py"
@@ -384,10 +339,8 @@ def _kernel_module(entry: dict, folder: Path, section: dict) -> Any:
     info = section["generated_modules"][key]
     src = (folder / info["file"]).read_text()
     if _sha256(src.encode()) != info["sha256"]:
-        raise AotError(
-            f"{folder / info['file']} does not match its sha256 in the manifest; the artifact is "
-            f"damaged: recompile it"
-        )
+        raise AotError(f"{folder / info['file']} does not match its sha256 in the manifest; the artifact is "
+                       f"damaged: recompile it")
     return generated_module(key, lambda: src)
 
 
@@ -395,23 +348,17 @@ def check_loadable(section: dict, folder: str | os.PathLike) -> None:
     """Everything :func:`load_kernels` verifies before linking; raises :class:`AotError`."""
     folder = Path(folder)
     if section.get("aot_version") != AOT_VERSION:
-        raise AotError(
-            f"kernel section version {section.get('aot_version')!r}, this sparsec reads {AOT_VERSION}; "
-            f"recompile the artifact with this version"
-        )
+        raise AotError(f"kernel section version {section.get('aot_version')!r}, this sparsec reads {AOT_VERSION}; "
+                       f"recompile the artifact with this version")
     fp = codegen_fingerprint()
     if section.get("fingerprint") != fp:
-        raise AotError(
-            "the artifact's kernels were compiled by different CPU kernel code or numba/llvmlite/Python "
-            "versions than this environment has; recompile the model with this environment"
-        )
+        raise AotError("the artifact's kernels were compiled by different CPU kernel code or numba/llvmlite/Python "
+                       "versions than this environment has; recompile the model with this environment")
     missing = missing_cpu_features(list(section.get("features", [])))
     if missing:
-        raise AotError(
-            f"the artifact's kernels were compiled for a {section.get('cpu_name')} CPU and use "
-            f"{', '.join(missing)}, which this CPU lacks; recompile the model on this machine "
-            f"(or compile it where NUMBA_CPU_NAME=generic gives portable kernels)"
-        )
+        raise AotError(f"the artifact's kernels were compiled for a {section.get('cpu_name')} CPU and use "
+                       f"{', '.join(missing)}, which this CPU lacks; recompile the model on this machine "
+                       f"(or compile it where NUMBA_CPU_NAME=generic gives portable kernels)")
     for entry in section.get("kernels", []):
         path = folder / entry["object"]
         if not path.is_file():
@@ -443,26 +390,20 @@ def load_kernels(section: dict, folder: str | os.PathLike) -> LoadedKernels:
             mod = _kernel_module(entry, folder, section)
             disp = getattr(mod, entry["qualname"], None)
             if disp is None or not hasattr(disp, "_insert"):
-                raise AotError(
-                    f"{entry['module']}.{entry['qualname']} is not a kernel function in this sparsec; "
-                    f"recompile the artifact"
-                )
+                raise AotError(f"{entry['module']}.{entry['qualname']} is not a kernel function in this sparsec; "
+                               f"recompile the artifact")
             sig = tuple(_decode_type(a) for a in entry["argtypes"])
             if sig in disp.overloads:
                 out.present += 1
                 continue
             data = (folder / entry["object"]).read_bytes()
             if _sha256(data) != entry["sha256"]:
-                raise AotError(
-                    f"{folder / entry['object']} does not match its sha256 in the manifest (damaged or "
-                    f"modified); recompile the artifact"
-                )
+                raise AotError(f"{folder / entry['object']} does not match its sha256 in the manifest (damaged or "
+                               f"modified); recompile the artifact")
             for name in entry["undefined"]:
                 if not ll.address_of_symbol(name):
-                    raise AotError(
-                        f"kernel object {entry['object']} needs the symbol {name!r}, which this process "
-                        f"does not provide; recompile the model in this environment"
-                    )
+                    raise AotError(f"kernel object {entry['object']} needs the symbol {name!r}, which this process "
+                                   f"does not provide; recompile the model in this environment")
             todo.append((entry, mod, disp, sig, data))
         if not todo:
             out.link_seconds = time.perf_counter() - t0
@@ -484,17 +425,14 @@ def load_kernels(section: dict, folder: str | os.PathLike) -> LoadedKernels:
             addr = engine.get_function_address(entry["wrapper"])
             env_addr = engine.get_global_value_address(entry["env"])
             if not addr or not env_addr:
-                raise AotError(
-                    f"kernel object {entry['object']} does not define {entry['qualname']}'s wrapper; "
-                    f"the artifact is damaged: recompile it"
-                )
+                raise AotError(f"kernel object {entry['object']} does not define {entry['qualname']}'s wrapper; "
+                               f"the artifact is damaged: recompile it")
             env = Environment(vars(mod))
             import ctypes
 
             ctypes.c_void_p.from_address(env_addr).value = id(env)
-            fn = _dynfunc.make_function(
-                mod, entry["qualname"], f"sparsec ahead-of-time {entry['qualname']}", addr, env, (keep, env)
-            )
+            fn = _dynfunc.make_function(mod, entry["qualname"], f"sparsec ahead-of-time {entry['qualname']}",
+                                        addr, env, (keep, env))
             disp._insert([t._code for t in sig], fn, False)
             disp.overloads[sig] = _LinkedOverload(sig, fn, data, entry["wrapper"], entry["env"])
             out.installed += 1
