@@ -168,7 +168,7 @@ def run_finetune_command(args: argparse.Namespace) -> int:
         raise FinetuneError(f"output {output} already exists; choose a new directory (nothing is "
                             f"overwritten)")
     pipeline = Pipeline.parse(args.prune) if args.prune.strip() else None
-    if pipeline is None and config.gradual is None:
+    if pipeline is None and config.gradual is None and os.environ.get("RANK", "0") == "0":
         print("sparsec finetune: --prune \"\": training with the masks the model's zeros define")
 
     loaded = load_spec(args.model)
@@ -200,11 +200,13 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     if heldout is not None:
         report["perplexity_after"] = _ppl(student, heldout)
     rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # under torchrun every rank trained the same model; rank 0 reports and writes
+        return 0
     last = history[-1] if len(history) else {}
     print("sparsec finetune: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
           + (f"; perplexity {report['perplexity_before']:.3f} -> {report['perplexity_after']:.3f}"
              if heldout is not None else ""))
-    if output is not None and rank == 0:
+    if output is not None:
         masks = {w: (student.graph_module.get_buffer(m) != 0).to(torch.uint8).contiguous()
                  for w, m in mask_pairs(student.graph_module)}
         _write_output(output, loaded, masks, report)
