@@ -281,22 +281,23 @@ class _Run:
         if state["step"] > c.steps:
             raise CheckpointError(f"checkpoint {path} is at step {state['step']}, beyond steps={c.steps}; "
                                   f"raise steps or use a new checkpoint directory")
-        self._add_missing_masks(state["model"])
-        check_model_state(path, state["model"], self.student.state_dict())
-        return state
-
-    def _add_missing_masks(self, saved: dict[str, torch.Tensor]) -> None:
         # A gradual schedule creates mask buffers on its first pruning step; a checkpoint taken
-        # after it holds masks the fresh student lacks. Attach them so the state dicts line up.
+        # after it holds masks the fresh student lacks. They are attached only once the whole
+        # checkpoint is known to fit, so a refused checkpoint changes nothing.
         gm = self.student.graph_module
         have = dict(gm.named_buffers())
+        missing = []
         for layer in find_layers(gm):
-            name = mask_buffer_name(layer)
-            key = f"graph_module.{name}"
-            if name not in have and key in saved and tuple(saved[key].shape) == tuple(
-                    gm.get_parameter(layer.weight).shape):
-                apply_mask(gm, layer, layer.as_matrix(saved[key]) != 0)
-                have = dict(gm.named_buffers())
+            key = f"graph_module.{mask_buffer_name(layer)}"
+            if mask_buffer_name(layer) not in have and key in state["model"] and layer.weight not in {
+                    m.weight for m, _ in missing}:
+                missing.append((layer, key))
+        expected = dict(self.student.state_dict())
+        expected.update({key: gm.get_parameter(layer.weight) for layer, key in missing})
+        check_model_state(path, state["model"], expected)
+        for layer, key in missing:
+            apply_mask(gm, layer, layer.as_matrix(state["model"][key]) != 0)
+        return state
 
     def _state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
                history: list[dict[str, float]]) -> dict[str, Any] | None:
