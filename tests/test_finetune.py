@@ -252,3 +252,34 @@ def test_gradual_schedule_resumes_exactly_across_a_pruning_step(tmp_path):
     assert resumed.masks_checksum == straight.masks_checksum
     for k, v in params(s1).items():
         assert torch.equal(v, params(s3)[k]), k
+
+
+def test_exported_llama_with_attention_mask_trains_and_keeps_masks():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsec.finetune import DistillModel
+
+    torch.manual_seed(0)
+    cfg_ = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg_).eval()
+    ids = data(8, 10)
+    mask = torch.ones_like(ids)
+    mask[1::2, 7:] = 0  # right padding on every other row
+    example = {"input_ids": ids[:2].clone(), "attention_mask": mask[:2].clone()}
+    teacher_cap = capture(copy.deepcopy(model), example)
+    student_cap = capture(copy.deepcopy(model), example)
+    run_passes(student_cap.graph_module, [make_pass("prune-magnitude", sparsity=0.5)], PassContext())
+    student = DistillModel(student_cap.graph_module, student_cap.constant_kwargs)
+    teacher = DistillModel(teacher_cap.graph_module, teacher_cap.constant_kwargs)
+    assert "attention_mask" in student.inputs and student.blocks == ["model.layers.0", "model.layers.1"]
+    # the graph's logits match the eager model's on padded input (the mask reaches attention)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = teacher(ids, mask)[0]
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], ref[keep], rtol=1e-4, atol=1e-4)
+    hist = finetune(student, teacher, {"input_ids": ids, "attention_mask": mask},
+                    cfg(steps=4, kl=1.0, squarehead=1.0, lr=1e-3))
+    assert hist.mask_violations == 0 and len(mask_pairs(student.graph_module)) == 14
+    assert hist[-1]["loss"] < hist[0]["loss"]
