@@ -154,3 +154,26 @@ def test_exported_llama_taps_are_decoder_layer_outputs(tiny_llama):
     assert not torch.allclose(hidden[-1], hf[-1], atol=1e-3)
     remove_taps(gm)
     torch.testing.assert_close(gm(input_ids=x, use_cache=False).logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_other_architectures_need_no_model_specific_code(arch):
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if arch == "gpt2":  # Conv1D layers (addmm), blocks under transformer.h
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0)).eval()
+        blocks, expected = model.transformer.h, ["transformer.h.0", "transformer.h.1"]
+    else:  # post-norm encoder, blocks under encoder.layer
+        config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=32)
+        model = BertModel(config).eval()
+        blocks, expected = model.encoder.layer, ["encoder.layer.0", "encoder.layer.1"]
+    cap = capture(copy.deepcopy(model), {"input_ids": torch.randint(0, 64, (2, 7))})
+    assert insert_taps(cap.graph_module) == expected
+    x = torch.randint(0, 64, (3, 5))
+    _, hooks = eager_block_outputs(model, blocks, input_ids=x)
+    _, hidden = split_tapped(cap.graph_module(input_ids=x, **cap.constant_kwargs))
+    for h, r in zip(hidden, hooks, strict=True):
+        torch.testing.assert_close(h, r, rtol=1e-5, atol=1e-5)
