@@ -10,6 +10,7 @@ Layout (``FORMAT_VERSION`` 2)::
                              tensors the graph reads (``graph.<attribute path>``)
     DIR/graph.json           the graph, node by node (see :mod:`sparsec.runtime.loader`)
     DIR/graph.py             the same graph as generated Python source, for reading and diffing
+    DIR/tokenizer/           optional: the tokenizer's own files (JSON), for ``sparsec generate``
     DIR/kernels/             CPU targets: the kernels' relocatable object code (``*.o``) and the
                              generated kernel sources they were compiled from
                              (see :mod:`sparsec.codegen.cpu.aot`)
@@ -42,6 +43,7 @@ WEIGHTS = "weights.safetensors"
 GRAPH = "graph.py"
 GRAPH_JSON = "graph.json"
 KERNEL_DIR = "kernels"
+TOKENIZER_DIR = "tokenizer"
 
 
 class ArtifactError(RuntimeError):
@@ -89,8 +91,9 @@ def _check_destination(dest: Path) -> None:
         raise ArtifactError(f"{dest} exists and is not a sparsec artifact; choose an empty or new directory")
 
 
-def save_artifact(compiled: Any, path: str | os.PathLike) -> Path:
-    """Write ``compiled`` (a :class:`~sparsec.runtime.compiled.CompiledModule`) to ``path``.
+def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write ``compiled`` (a :class:`~sparsec.runtime.compiled.CompiledModule`) to ``path``;
+    ``tokenizer`` (a Hugging Face tokenizer, optional) is saved under ``tokenizer/`` as JSON files.
 
     A graph that cannot be described (an argument type or module the loader could not rebuild)
     is refused before anything is written. ``path`` is replaced only once the new artifact is
@@ -134,6 +137,7 @@ def save_artifact(compiled: Any, path: str | os.PathLike) -> Path:
         "constant_kwargs": {k: v for k, v in compiled.constant_kwargs.items()
                             if isinstance(v, (bool, int, float, str, type(None)))},
         "layers": layers,
+        "model": _jsonable(getattr(compiled, "source_model", None)),
         "report": _jsonable(report),
         "notes": [f"dropped node {n}: torch.export's input guard (its code is generated at export)"
                   for n in graph_desc["dropped"]],
@@ -145,6 +149,8 @@ def save_artifact(compiled: Any, path: str | os.PathLike) -> Path:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / GRAPH_JSON).write_text(json.dumps(graph_desc))
         (tmp / GRAPH).write_text(gm.code)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         manifest["kernels"] = _write_kernels(compiled.target, layers, tmp / KERNEL_DIR)
         manifest["cpu_features"] = manifest["kernels"].get("features", [])
         manifest["files"] = {p.relative_to(tmp).as_posix(): _sha256(p)

@@ -474,6 +474,7 @@ def load_artifact(path: str | os.PathLike) -> Any:
                               constant_kwargs=manifest["constant_kwargs"], target=target,
                               pipeline=manifest["pipeline"], report=manifest.get("report"))
     compiled.eval()
+    compiled.source_model = manifest.get("model")
     compiled.load_seconds = time.perf_counter() - t0
     compiled.kernel_load = linked
     return compiled

@@ -23,9 +23,10 @@ What a loading process must provide, and how it is checked before linking:
   the process instead of raising.
 
 Object files come from the object Numba's JIT produced for the kernel when it is still held in
-memory (a kernel compiled in this process), otherwise from compiling a private copy of the same
-function for the same signature (a kernel that Numba loaded from its own disk cache keeps no
-object code) and emitting it with Numba's target machine.
+memory (a kernel compiled in this process); for a kernel Numba loaded from its own disk cache
+(which keeps no object code) from the optimized LLVM module Numba keeps for linking, run through
+Numba's target machine (code generation only); failing both, from compiling a private copy of
+the same function for the same signature.
 
 Limitations: kernels are threaded by sparsec's own pool (:mod:`.threads`), not Numba's parallel
 runtime, so no scheduler symbols are needed; a kernel that used ``parallel=True`` would leave
@@ -168,7 +169,8 @@ class ExportedKernel:
     object: str           # file name under the artifact's kernel folder
     sha256: str
     undefined: list[str]
-    source: str           # "jit" (the object that ran) or "recompiled" (a private copy, same code)
+    source: str           # "jit" (the object that ran), "emitted" (from the optimized module Numba
+                          # cached), "recompiled" (a private copy, same code) or "artifact"
 
 
 def _sha256(data: bytes) -> str:
@@ -230,8 +232,15 @@ def _object_code(disp, sig: tuple, cres) -> tuple[bytes, Any, str]:
     lib = cres.library
     if getattr(lib, "_object_caching_enabled", False) and getattr(lib, "_compiled_object", None):
         return bytes(lib._compiled_object), cres.fndesc, "jit"
-    # Numba loaded this one from its disk cache and handed the object to its engine: compile a
-    # private copy of the same function (same options, no disk cache) and emit its module.
+    shared = getattr(lib, "_shared_module", None)
+    if shared is not None and any(not f.is_declaration for f in shared.functions):
+        # Numba loaded this one from its disk cache and handed the object to its engine, keeping
+        # the optimized module (its functions made linkonce_odr) for linking into other code:
+        # generate machine code from that module with Numba's target machine. No Python-level
+        # compiling or optimizing, only LLVM's code generator.
+        module = ll.parse_bitcode(shared.as_bitcode())
+        return bytes(lib._codegen._tm.emit_object(module)), cres.fndesc, "emitted"
+    # Neither: compile a private copy of the same function (same options, no disk cache).
     copy = CPUDispatcher(disp.py_func, locals=dict(disp.locals), targetoptions=dict(disp.targetoptions))
     copy.compile(sig)
     fresh = copy.overloads[sig]
