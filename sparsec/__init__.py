@@ -17,7 +17,11 @@ def __getattr__(name: str):
         from sparsec.runtime.compiled import CompiledModule
 
         return CompiledModule if name == "CompiledModule" else getattr(api, name)
+    if name == "generate":
+        from sparsec.runtime.generate import generate
+
+        return generate
     raise AttributeError(f"module 'sparsec' has no attribute {name!r}")
 
 
-__all__ = ["compile", "save", "load", "CompiledModule", "CompileReport", "__version__"]
+__all__ = ["compile", "save", "load", "generate", "CompiledModule", "CompileReport", "__version__"]

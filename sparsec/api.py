@@ -26,6 +26,7 @@ from sparsec.passes import (
 )
 from sparsec.passes.base import max_relative_error
 from sparsec.runtime.compiled import CompiledModule, LayerRecord, build_compiled, kernel_builder
+from sparsec.runtime.generate import model_description
 
 TARGETS = ("cpu", "cuda")
 
@@ -161,6 +162,8 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
     built = build_compiled(gm, target, verify_inputs=inputs, progress=progress)
     compiled = CompiledModule(built.graph_module, method=cap.method, input_names=cap.input_names,
                               constant_kwargs=cap.constant_kwargs, target=target, pipeline=pipe.to_text())
+    # the model class and config, so generation can host the kernels in the eager model
+    compiled.source_model = model_description(model)
     with torch.no_grad():
         out = built.graph_module(*inputs[0], **inputs[1])
     compiled.report = CompileReport(
@@ -174,11 +177,12 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
     return compiled
 
 
-def save(compiled: CompiledModule, path: str) -> None:
-    """Write ``compiled`` as an artifact directory (see ``sparsec/runtime/artifact.py``)."""
+def save(compiled: CompiledModule, path: str, tokenizer: Any = None) -> None:
+    """Write ``compiled`` as an artifact directory (see ``sparsec/runtime/artifact.py``), with
+    ``tokenizer`` (a Hugging Face tokenizer) saved beside it for ``sparsec generate``."""
     from sparsec.runtime.artifact import save_artifact
 
-    save_artifact(compiled, path)
+    save_artifact(compiled, path, tokenizer=tokenizer)
 
 
 # -- loading artifacts ------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     sparsec compile MODEL --pipeline TEXT -o DIR     compile, print the per-layer report, save
     sparsec inspect MODEL_OR_ARTIFACT                per-layer table of a model or an artifact
     sparsec bench MODEL --pipeline TEXT              eager vs compiled forward time
+    sparsec generate ARTIFACT --prompt TEXT          generate text from an artifact with a KV cache
 
 MODEL is a bundled name (``smollm2-135m``), a local Hugging Face folder, or ``FILE.py:FACTORY``.
 Every error a user can cause prints one line on stderr and exits with status 2; ``--debug``
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_finetune_command(sub)
+    from sparsec.runtime.generate import add_generate_command
+
+    add_generate_command(sub)
     return parser
 
 
@@ -137,7 +141,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.output:
         import sparsec
 
-        sparsec.save(compiled, args.output)
+        sparsec.save(compiled, args.output, tokenizer=loaded.tokenizer)
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
