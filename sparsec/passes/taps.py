@@ -158,12 +158,9 @@ def block_outputs(gm: fx.GraphModule, blocks: str = "") -> list[tuple[str, fx.No
             raise TapError(f"block {name!r} has no floating-point value used outside it; "
                            f"choose other blocks with blocks=\"PATTERN\"")
         outputs.append((name, leaving[-1]))
-    outputs.sort(key=lambda item: _position(gm)[item[1]])
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    outputs.sort(key=lambda item: position[item[1]])
     return outputs
-
-
-def _position(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(gm.graph.nodes)}
 
 
 # -- rewriting the output --------------------------------------------------------------------------
@@ -232,7 +229,6 @@ def remove_taps(gm: fx.GraphModule) -> None:
     else:
         out.args = (out.args[0][0],)
     del gm.meta[TAPS_KEY]
-    gm.graph.eliminate_dead_code()
     gm.recompile()
 
 
