@@ -237,12 +237,9 @@ def main() -> None:
                 for B in batches:
                     x = torch.randn(B, cols, generator=gen)
                     t = time_rotating([lambda k=k, x=x: k(x) for k in kernels])
-                    family = kernels[0]._impl.plan(B)
-                    name = (
-                        f"sparsec-{family[0]}{family[1] or ''}"
-                        if B < kernels[0].DENSE_MIN_BATCH
-                        else "sparsec-dense"
-                    )
+                    impl = kernels[0]._impl
+                    family, tile = impl.plan(B)
+                    name = "sparsec-dense" if impl.use_dense(B) else f"sparsec-{family}{tile or ''}"
                     _row(rows, cols, sp, vt, B, name, t, nb, bw, base32[B])
                 del kernels, p
             sys.stdout.flush()

@@ -68,15 +68,6 @@ def act(v, code):
 
 
 @njit(nogil=True, cache=True)
-def load_partial(bm, start, nbytes):
-    """Little-endian mask of ``nbytes`` (<= 8) bytes: the last chunk of a row, never read past it."""
-    m = np.uint64(0)
-    for i in range(nbytes):
-        m |= np.uint64(bm[start + i]) << np.uint64(8 * i)
-    return m
-
-
-@njit(nogil=True, cache=True)
 def arrange_chunks(x, xa, W, g, Bp):
     """``x`` (float32 ``[B, cols]``) into ``xa`` (``[Bp, nch*W]`` flat) for the ``rows`` kernels:
     zero-padded to whole chunks and ``Bp`` rows, lane ``j`` of vector ``k`` of a chunk holding
@@ -185,7 +176,7 @@ def _rows_block_vnni(vt: str, R: int, BT: int, indent: str) -> list[str]:
 
     def fold(ind: str) -> None:
         for i in range(R):
-            add(f"sc{i} = vbroadcast(scales[(r + {i}) * gstride + g])", ind)
+            add(f"sc{i} = vbroadcast(scales[rr{i} * gstride + g])", ind)
             for b in range(BT):
                 add(
                     f"f{i}_{b} = vfma(fold_limbs(a{i}_{b}_0, a{i}_{b}_1, a{i}_{b}_2, qs{i}), "
@@ -194,8 +185,11 @@ def _rows_block_vnni(vt: str, R: int, BT: int, indent: str) -> list[str]:
                 )
 
     for i in range(R):
-        add(f"p{i} = offs[r + {i}]")
-        add(f"mb{i} = (r + {i}) * nbytes")
+        # the last block of a range repeats its last row instead of running past it: the
+        # repeats write the same value again, and one code path serves every row count
+        add(f"rr{i} = min(r + {i}, r1 - 1)")
+        add(f"p{i} = offs[rr{i}]")
+        add(f"mb{i} = rr{i} * nbytes")
         if int4:
             for b in range(BT):
                 add(f"f{i}_{b} = vzero()")
@@ -229,29 +223,27 @@ def _rows_block_vnni(vt: str, R: int, BT: int, indent: str) -> list[str]:
                 for k in range(3):
                     add(f"a{i}_{b}_{k} = vdpbusd(a{i}_{b}_{k}, q{b}_{k}, e{i})", ind)
 
-    add("for c in range(nfull):")
-    chunk("load_u64(bm, mb{i} + c * 8)", "    ")
-    add("if tailbytes > 0:")
-    add("    c = nfull")
-    chunk("load_partial(bm, mb{i} + c * 8, tailbytes)", "    ")
+    # one loop body for every chunk (compile time): the last, partial chunk reads only its bytes
+    add("for c in range(nfull + (tailbytes > 0)):")
+    chunk("load_u64(bm, mb{i} + c * 8) if c < nfull else load_tail(bm, mb{i} + c * 8, tailbytes)", "    ")
     if int4:
         fold("")
     for i in range(R):
         for b in range(BT):
             if int4:
                 add(
-                    f"y[b0 + {b}, r + {i}] = act(np.float64(vsum(f{i}_{b})) * sxs[b0 + {b}] "
-                    f"+ bias[r + {i}], actc)"
+                    f"y[b0 + {b}, rr{i}] = act(np.float64(vsum(f{i}_{b})) * sxs[b0 + {b}] "
+                    f"+ bias[rr{i}], actc)"
                 )
                 continue
             # sum q*(u0 + 256 u1 + 65536 u2) - 2^23 sum q, with 2^23 = 65536 * 128, all exact in int64
             add(
                 f"dot = vsum_i64(a{i}_{b}_0) + 256 * vsum_i64(a{i}_{b}_1) + "
-                f"65536 * (vsum_i64(a{i}_{b}_2) - 128 * rowsum[r + {i}])"
+                f"65536 * (vsum_i64(a{i}_{b}_2) - 128 * rowsum[rr{i}])"
             )
             add(
-                f"y[b0 + {b}, r + {i}] = act(np.float64(dot) * sxs[b0 + {b}] * scales[r + {i}] "
-                f"+ bias[r + {i}], actc)"
+                f"y[b0 + {b}, rr{i}] = act(np.float64(dot) * sxs[b0 + {b}] * scales[rr{i}] "
+                f"+ bias[rr{i}], actc)"
             )
     return L
 
@@ -267,8 +259,11 @@ def _rows_block(vt: str, R: int, BT: int, indent: str) -> list[str]:
     L: list[str] = []
     add = lambda s, ind="": L.append(indent + ind + s)  # noqa: E731
     for i in range(R):
-        add(f"p{i} = offs[r + {i}]")
-        add(f"mb{i} = (r + {i}) * nbytes")
+        # the last block of a range repeats its last row instead of running past it: the
+        # repeats write the same value again, and one code path serves every row count
+        add(f"rr{i} = min(r + {i}, r1 - 1)")
+        add(f"p{i} = offs[rr{i}]")
+        add(f"mb{i} = rr{i} * nbytes")
         for b in range(BT):
             for a in range(nacc):
                 add(f"a{i}_{b}_{a} = vzero()")
@@ -291,7 +286,7 @@ def _rows_block(vt: str, R: int, BT: int, indent: str) -> list[str]:
             add(f"p{i} += popcount(m{i})", ind)
 
             if vt == "int4":
-                add(f"s{i} = vbroadcast(scales[(r + {i}) * gstride + g])", ind)
+                add(f"s{i} = vbroadcast(scales[rr{i} * gstride + g])", ind)
                 if not int4_t:
                     for k in range(K):
                         add(f"w{i}_{k} = vmul(w{i}_{k}, s{i})", ind)
@@ -306,18 +301,19 @@ def _rows_block(vt: str, R: int, BT: int, indent: str) -> list[str]:
                     a = k % nacc
                     add(f"a{i}_{b}_{a} = vfma(w{i}_{k}, x{b}_{k}, a{i}_{b}_{a})", ind)
 
-    add("for c in range(nfull):")
-    chunk(f"{loader}(bm, mb{{i}} + c * {W // 8})", "    ")
-    add("if tailbytes > 0:")
-    add("    c = nfull")
-    chunk(f"load_partial(bm, mb{{i}} + c * {W // 8}, tailbytes)", "    ")
+    add("for c in range(nfull + (tailbytes > 0)):")
+    chunk(
+        f"{loader}(bm, mb{{i}} + c * {W // 8}) if c < nfull "
+        f"else load_tail(bm, mb{{i}} + c * {W // 8}, tailbytes)",
+        "    ",
+    )
     for i in range(R):
         for b in range(BT):
             expr = f"a{i}_{b}_0"
             for a in range(1, nacc):
                 expr = f"vadd({expr}, a{i}_{b}_{a})"
-            scale = f" * scales[r + {i}]" if vt == "int8" else ""
-            add(f"y[b0 + {b}, r + {i}] = act(np.float64(vsum({expr})){scale} + bias[r + {i}], actc)")
+            scale = f" * scales[rr{i}]" if vt == "int8" else ""
+            add(f"y[b0 + {b}, rr{i}] = act(np.float64(vsum({expr})){scale} + bias[rr{i}], actc)")
     return L
 
 
@@ -331,13 +327,9 @@ def rows_source(vt: str, BT: int) -> str:
     # the rows in flight measured best
     R = ROWS_IN_FLIGHT[BT] if vt != "int4" else max(1, ROWS_IN_FLIGHT[BT] // 2)
     body = [f"def rows_{BT}(r0, r1, t, B, {ARGS}):", f"    for b0 in range(0, B, {BT}):", "        r = r0"]
-    body.append(f"        while r + {R} <= r1:")
+    body.append("        while r < r1:")
     body += _rows_block(vt, R, BT, "            ")
     body.append(f"            r += {R}")
-    if R > 1:
-        body.append("        while r < r1:")
-        body += _rows_block(vt, 1, BT, "            ")
-        body.append("            r += 1")
     return "\n".join(body) + "\n"
 
 
@@ -372,11 +364,8 @@ def nnz_source(vt: str, NL: int) -> str:
         L.append(ind + "n += k")
         L.append(ind + "p += k")
 
-    L.append("        for c in range(nfull16):")
-    decode("load_u16(bm, mb + c * 2)")
-    L.append("        if tail16 > 0:")
-    L.append("            c = nfull16")
-    decode("load_partial(bm, mb + c * 2, tail16)")
+    L.append("        for c in range(nfull16 + (tail16 > 0)):")
+    decode("load_u16(bm, mb + c * 2) if c < nfull16 else load_tail(bm, mb + c * 2, tail16)")
     for u in range(U):  # pad to a multiple of U with zero values at column 0
         L += [f"        ibuf[base + n + {u}] = 0", f"        vbuf[base + n + {u}] = 0.0"]
     for u in range(U):
@@ -439,7 +428,7 @@ def module_source(vt: str) -> str:
         "import numpy as np",
         "from numba import njit",
         "from sparsec.codegen.cpu.simd import *  # noqa: F401,F403",
-        "from sparsec.codegen.cpu.bitmask import act, load_partial",
+        "from sparsec.codegen.cpu.bitmask import act",
         f"_JIT = dict({', '.join(f'{k}={v!r}' for k, v in _JIT.items())}, cache=True)",
     ]
     for src in [rows_source(vt, bt) for bt in ROWS_TILES] + [nnz_source(vt, nl) for nl in NNZ_LANES]:

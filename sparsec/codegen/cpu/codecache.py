@@ -26,6 +26,8 @@ import numba
 from sparsec.codegen.cpu.host import host_features
 
 _MODULES: dict[str, ModuleType] = {}
+#: the files whose text decides what generated kernels compile to
+_GENERATOR_FILES = ("bitmask.py", "loops.py", "simd.py", "host.py", "codecache.py")
 _LOCK = threading.Lock()
 
 
@@ -40,10 +42,9 @@ def cache_dir() -> str:
 def _fingerprint() -> str:
     h = hashlib.sha256()
     here = os.path.dirname(os.path.abspath(__file__))
-    for name in sorted(os.listdir(here)):
-        if name.endswith(".py"):
-            with open(os.path.join(here, name), "rb") as f:
-                h.update(f.read())
+    for name in _GENERATOR_FILES:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
     h.update(numba.__version__.encode())
     h.update(host_features().name.encode())
     return h.hexdigest()[:16]

@@ -12,9 +12,10 @@ flattened), with the crossovers measured on this project's benchmark machine (se
 docs/performance.md):
 
 * ``B <= ROWS_MAX_BATCH``: the ``rows`` kernel (decode each chunk once, reuse it for the batch);
-* up to ``DENSE_MIN_BATCH``: the ``nnz`` kernel (batch in the vector lanes);
-* from ``DENSE_MIN_BATCH`` on (prefill): ``torch.nn.functional.linear`` on the dense weight,
-  unpacked once on first use and cached on the kernel.
+* larger ``B``: the ``nnz`` kernel (batch in the vector lanes, 64 rows at a time), unless the layer
+  is denser than ``DENSE_ABOVE_DENSITY`` allows at that batch: then (prefill of a half-dense
+  layer, say) ``torch.nn.functional.linear`` on the dense weight, unpacked once on first use and
+  cached on the kernel.
 """
 
 from __future__ import annotations
@@ -73,9 +74,15 @@ class CpuLinearKernel:
     this one: zero when an earlier layer already compiled the same variants).
     """
 
-    #: bitmask: largest batch the ``rows`` kernel serves, and first batch served by dense torch.
+    #: bitmask: largest batch the ``rows`` kernel serves (it beats dense torch at any density).
     ROWS_MAX_BATCH = 4
-    DENSE_MIN_BATCH = 65
+    #: bitmask, larger batches: ``(largest batch, density)`` pairs; a layer denser than the density
+    #: of the first pair whose batch bound is >= B runs through dense torch. Measured on 4096x4096
+    #: (2 Zen 4 cores, CPU time): the nnz kernel costs about ``c(B) * density`` of dense fp32
+    #: ``F.linear``, with c = 1.05 at B = 16, 1.45 at B = 64 and 2.3 at B = 128..256.
+    DENSE_ABOVE_DENSITY: tuple[tuple[int, float], ...] = ((16, 0.9), (64, 0.65), (1 << 62, 0.45))
+    #: batches from here on are always dense (for non-bitmask formats with loop kernels too).
+    DENSE_MIN_BATCH = 1 << 62
     #: layers with fewer dense positions than this run on one thread.
     PARALLEL_MIN_WEIGHTS = 1 << 22
 
@@ -215,6 +222,7 @@ class _BitmaskImpl:
             self.scales = np.ascontiguousarray(a.scales, dtype=np.float32).reshape(-1)
             self.gstride = a.scales.shape[1] if a.scales.ndim == 2 else 1
         counts = np.diff(np.append(self.offs, int(k.packed.nnz)))
+        self.density = int(k.packed.nnz) / max(1, rows * cols)
         # Small layers run on one thread: waking a second costs more than it saves.
         threads = k.threads if rows * cols >= k.PARALLEL_MIN_WEIGHTS else 1
         self.parts = balanced_row_split(counts, min(threads, max(rows, 1)), row_cost=cols / 64.0)
@@ -278,9 +286,19 @@ class _BitmaskImpl:
     def describe(self) -> str:
         return f"bitmask-{'avx512' if self.vector else 'portable'}"
 
+    def use_dense(self, B: int) -> bool:
+        """True when dense torch on the unpacked weight beats the sparse kernels at batch ``B``."""
+        k = self.k
+        if B >= k.DENSE_MIN_BATCH:
+            return True
+        if B <= k.ROWS_MAX_BATCH and self.rows_ok:
+            return False
+        bound = next(d for limit, d in k.DENSE_ABOVE_DENSITY if B <= limit)
+        return self.density > bound
+
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         B = x2.shape[0]
-        if B >= self.k.DENSE_MIN_BATCH:
+        if self.use_dense(B):
             return self.k.dense_linear(x2)
         if B > 64 and self.plan(B)[0] == "nnz":
             return torch.cat([self.run(x2[i : i + 64], charge=False) for i in range(0, B, 64)])

@@ -144,6 +144,7 @@ class _LoopImpl:
                 self.fixed = self.fixed[:-1] + (np.zeros(1, dtype=np.uint8),)
             counts = np.full(rows, cols // p.m * p.n, dtype=np.int64)
         self.parts = balanced_row_split(counts, min(threads, max(rows, 1)), row_cost=4.0)
+        self.density = float(counts.sum()) / max(1, rows * cols)
         self.actc = ACT_CODE[k.activation]
         x = torch.randn(1, cols, generator=torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
@@ -158,7 +159,8 @@ class _LoopImpl:
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         k = self.k
         B = x2.shape[0]
-        if B >= k.DENSE_MIN_BATCH:
+        if B >= k.DENSE_MIN_BATCH or (B > 16 and self.density > 0.45):
+            # these scalar loops lose to dense torch on half-dense layers once the batch grows
             return k.dense_linear(x2)
         xt = x2.t().contiguous().reshape(-1).numpy()
         y = torch.empty(B, k.rows, dtype=torch.float32)

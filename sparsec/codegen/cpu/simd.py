@@ -662,3 +662,18 @@ def prefetch(typingctx, arr, index, byte_offset):
         return context.get_dummy_value()
 
     return types.none(arr, index, byte_offset), codegen
+
+
+@intrinsic
+def load_tail(typingctx, arr, byte_index, nbytes):
+    """The first ``nbytes`` (0..8) bytes at ``arr[byte_index]`` as a little-endian uint64, zeros
+    above: the mask of a row's last, partial chunk, read without touching the bytes past it (a
+    masked load, so it stays inline in a kernel's loop instead of a call)."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        n = context.cast(builder, args[2], sig.args[2], types.int64)
+        v = _maskedload(builder, p, _first_lanes(builder, n, 8), _I8, 8)
+        return builder.bitcast(v, _I64)
+
+    return types.uint64(arr, byte_index, nbytes), codegen
