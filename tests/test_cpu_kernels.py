@@ -117,7 +117,14 @@ def test_input_layouts_and_leading_dims():
 
 
 @pytest.mark.parametrize(
-    "fmt,options", [("csr", {}), ("nm", {"n": 2, "m": 4}), ("nm", {"n": 3, "m": 8}), ("dense", {})]
+    "fmt,options",
+    [
+        ("csr", {}),
+        ("nm", {"n": 2, "m": 4}),
+        ("nm", {"n": 3, "m": 8}),
+        ("dense", {}),
+        ("block", {"block_shape": "4x4"}),
+    ],
 )
 @pytest.mark.parametrize("value_type", VALUE_TYPES)
 def test_other_formats(fmt, options, value_type):

@@ -150,9 +150,9 @@ def quantize_x24(x, xq, sxs, limb):
 ARGS = (
     # fixed per layer (bound once, see kernel.py)
     "vals, bm, nbytes, offs, scales, gstride, gs, bias, actc, nfull, tailbytes, nfull16, tail16, "
-    "ibuf, vbuf, obuf, cap, rowsum, "
-    # per call
-    "y, xa, xstride, xt, lw, xs, acc, xq, xqstride, limb, sxs"
+    "cap, rowsum, "
+    # per call (so one kernel may run in several threads at once)
+    "y, xa, xstride, xt, lw, xs, acc, xq, xqstride, limb, sxs, ibuf, vbuf, obuf"
 )
 
 

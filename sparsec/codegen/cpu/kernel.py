@@ -236,11 +236,8 @@ class _BitmaskImpl:
         self.nfull_16, rem16 = divmod(cols, 16)
         self.tail_16 = (rem16 + 7) // 8
         self.cap = cols + 32
-        nparts = len(self.parts) - 1
-        self.ibuf = np.zeros(nparts * self.cap, dtype=np.int32)
-        self.vbuf = np.zeros(nparts * self.cap, dtype=np.float32)
-        self.obuf = np.zeros(nparts * 64, dtype=np.float32)
         self._f1 = np.zeros(1, dtype=np.float32)
+        self._n1 = np.zeros(1, dtype=np.int32)
         self._f2 = np.zeros((1, 1), dtype=np.float32)
         self._d2 = np.zeros((1, 1), dtype=np.float64)
         self.actc = bm_kernels.ACT_CODE[k.activation]
@@ -258,7 +255,7 @@ class _BitmaskImpl:
         self.fixed = (
             self.vals, self.bm, self.nbytes, self.offs, self.scales, self.gstride, self.gs,
             k._bias_np, self.actc, self.nfull_w, self.tail_w, self.nfull_16, self.tail_16,
-            self.ibuf, self.vbuf, self.obuf, self.cap, self.rowsum,
+            self.cap, self.rowsum,
         )  # fmt: skip
         # Compile (or load from the disk cache) every function this layer can call, now.
         gen = torch.Generator().manual_seed(0)
@@ -315,6 +312,7 @@ class _BitmaskImpl:
         xn = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
         xa, xstride, xt, lw, xs, acc = self._f1, 0, self._f1, 0, self._f2, self._d2
         xq, limb, sxs = self._u1, 0, self._d1
+        ibuf, vbuf, obuf = self._n1, self._f1, self._f1
         Bp = B
         if family == "rows":
             Bp = -(-B // tile) * tile
@@ -332,11 +330,18 @@ class _BitmaskImpl:
             lw = 16 * tile
             xt = np.empty(k.cols * lw, dtype=np.float32)
             bm_kernels.arrange_lanes(xn, xt, lw)
+            # per thread: a row's (column, value) list with 16 lanes of slack, its 16*NL sums
+            parts = len(self.parts) - 1
+            ibuf = np.empty(parts * self.cap, dtype=np.int32)
+            vbuf = np.empty(parts * self.cap, dtype=np.float32)
+            obuf = np.empty(parts * 64, dtype=np.float32)
         else:
             xs = xn
             acc = np.zeros((len(self.parts) - 1, B), dtype=np.float64)
         y = np.empty((Bp, k.rows), dtype=np.float32)
-        args = (Bp,) + self.fixed + (y, xa, xstride, xt, lw, xs, acc, xq, 3 * limb, limb, sxs)
+        args = (
+            (Bp,) + self.fixed + (y, xa, xstride, xt, lw, xs, acc, xq, 3 * limb, limb, sxs, ibuf, vbuf, obuf)
+        )
         if charge and not fn.signatures:
             t0 = time.perf_counter()
             run_ranges(fn, self.parts, args)
