@@ -21,7 +21,11 @@ def __getattr__(name: str):
         from sparsec.runtime.generate import generate
 
         return generate
+    if name == "export_onnx":
+        from sparsec.export.onnx import export_onnx
+
+        return export_onnx
     raise AttributeError(f"module 'sparsec' has no attribute {name!r}")
 
 
-__all__ = ["compile", "save", "load", "generate", "CompiledModule", "CompileReport", "__version__"]
+__all__ = ["compile", "save", "load", "generate", "export_onnx", "CompiledModule", "CompileReport", "__version__"]
