@@ -157,20 +157,25 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        umask = _umask()
         for p in tmp.rglob("*"):
             if p.is_file():
-                os.chmod(p, 0o666 & ~os.umask(os.umask(0)))
+                os.chmod(p, 0o666 & ~umask)
         _replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
-def _umask_permissions(tmp: Path) -> None:
-    """mkdtemp makes a private (0700) directory; the artifact gets the permissions any new one would."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    return umask
+
+
+def _umask_permissions(tmp: Path) -> None:
+    """mkdtemp makes a private (0700) directory; the artifact gets the permissions any new one would."""
+    os.chmod(tmp, 0o777 & ~_umask())
 
 
 def _write_kernels(target: str, layers: list[dict], folder: Path) -> dict[str, Any]:
