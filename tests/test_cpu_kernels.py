@@ -205,3 +205,17 @@ def test_integer_kernels_bound_the_fixed_point_error(value_type):
     bound = 3e-5 * (x.double().abs() @ W.abs().T) + fixed + 1e-6
     err = (k(x).double() - ref).abs()
     assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+def test_one_kernel_serves_several_threads_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = _weight(96, 200, 0.75, seed=21)
+    packed = pack(w, "bitmask", "fp16")
+    k = build_linear_kernel(packed, activation="relu")
+    xs = [torch.randn(b, 200, generator=torch.Generator().manual_seed(b)) for b in (1, 3, 17, 20, 33, 2)]
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(k, xs * 3))
+    for x, y in zip(xs * 3, outs):
+        assert torch.equal(y, k(x))
+    _check(k, packed, xs[2], None, "relu")
