@@ -14,8 +14,8 @@ signature already compiled. Nothing is unpickled.
 What a loading process must provide, and how it is checked before linking:
 
 * the same CPU kernel code: :func:`codegen_fingerprint` (a hash of this package's kernel
-  sources and the numba/llvmlite/Python versions) must match, since the kernel classes pass
-  arguments positionally to the saved machine code;
+  sources, the CPU model name and the numba/llvmlite/Python versions) must match, since the
+  kernel classes pass arguments positionally to the saved machine code;
 * a CPU with every feature the code was compiled for (:func:`compiled_cpu`);
 * every symbol the objects leave undefined: Numba's runtime helpers (NRT, ``numba_*``, exception
   classes), registered here without compiling anything, and the C library / CPython API of the
@@ -60,18 +60,17 @@ def codegen_fingerprint() -> str:
     """Hash of the CPU kernel sources and of the toolchain whose ABI the object code depends on.
 
     Object code saved by one sparsec is only called correctly by kernel classes that pass the same
-    arguments in the same order, so any change to the kernel sources refuses old artifacts.
+    arguments in the same order, so any change to the kernel sources refuses old artifacts. The
+    sources are those :mod:`.codecache` hashed when this process generated its first kernel
+    module (close to when it imported the kernel code), not the files as they are when saving:
+    a save must describe the code that compiled its kernels even if the files changed since.
     """
     import llvmlite
     import numba
 
-    h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for path in sorted(here.glob("*.py")):
-        if path.name == "aot.py":
-            continue
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    from sparsec.codegen.cpu.codecache import _fingerprint
+
+    h = hashlib.sha256(_fingerprint().encode())
     h.update(f"numba {numba.__version__} llvmlite {llvmlite.__version__}".encode())
     h.update(f"python {sys.version_info.major}.{sys.version_info.minor} {sys.implementation.name}".encode())
     return h.hexdigest()[:32]
@@ -361,8 +360,9 @@ def check_loadable(section: dict, folder: str | os.PathLike) -> None:
                        f"recompile the artifact with this version")
     fp = codegen_fingerprint()
     if section.get("fingerprint") != fp:
-        raise AotError("the artifact's kernels were compiled by different CPU kernel code or numba/llvmlite/Python "
-                       "versions than this environment has; recompile the model with this environment")
+        raise AotError("the artifact's kernels were compiled by different CPU kernel code, for another CPU model, or "
+                       "with other numba/llvmlite/Python versions than this environment has; recompile the model "
+                       "with this environment")
     missing = missing_cpu_features(list(section.get("features", [])))
     if missing:
         raise AotError(f"the artifact's kernels were compiled for a {section.get('cpu_name')} CPU and use "
