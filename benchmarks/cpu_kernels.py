@@ -147,12 +147,19 @@ def main() -> None:
         help="per-round statistic: median, or min on a machine shared with other jobs",
     )
     ap.add_argument(
+        "--summarize", metavar="FILE", help="only print the targets from a saved output of this script"
+    )
+    ap.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
         help="wall time, or process CPU time / threads (for a machine shared with other jobs)",
     )
     args = ap.parse_args()
+    if args.summarize:
+        with open(args.summarize) as f:
+            summarize(f.read().splitlines())
+        return
     global STAT, CLOCK
     STAT = min if args.stat == "min" else statistics.median
     CLOCK = args.clock
@@ -243,15 +250,47 @@ def main() -> None:
                     _row(rows, cols, sp, vt, B, name, t, nb, bw, base32[B])
                 del kernels, p
             sys.stdout.flush()
+    summarize(RESULTS)
 
 
 def _row(rows, cols, sp, vt, B, kernel, t, nbytes, bw, t_dense32) -> None:
     gbs = nbytes / t / 1e9
-    print(
+    line = (
         f"{rows:>5}x{cols:<5} {round(sp * 100):>4} {vt:>6} {B:>3} {kernel:>14} {t * 1e6:>9.1f} "
-        f"{gbs:>6.1f} {100 * gbs / bw:>5.0f} {t_dense32 / t:>9.2f} {8 * nbytes / (rows * cols):>6.2f}",
-        flush=True,
+        f"{gbs:>6.1f} {100 * gbs / bw:>5.0f} {t_dense32 / t:>9.2f} {8 * nbytes / (rows * cols):>6.2f}"
     )
+    RESULTS.append(line)
+    print(line, flush=True)
+
+
+RESULTS: list[str] = []
+
+#: (description, sparsity %, value type, batch, column, threshold): the project's CPU targets.
+TARGETS = [
+    ("batch 1, 75%, bf16: >= 70% of measured bandwidth", 75, "bf16", 1, "%bw", 70.0),
+    ("batch 1, 75%, int8: >= 60% of measured bandwidth", 75, "int8", 1, "%bw", 60.0),
+    ("batch 16, 75%, bf16: >= 2.5x torch dense fp32", 75, "bf16", 16, "x_dense32", 2.5),
+    ("batch 16, 75%, int8: >= 2.5x torch dense fp32", 75, "int8", 16, "x_dense32", 2.5),
+    ("batch 16, 75%, int4: >= 2.5x torch dense fp32", 75, "int4", 16, "x_dense32", 2.5),
+    ("batch 16, 75%, fp32: >= 2.5x torch dense fp32", 75, "fp32", 16, "x_dense32", 2.5),
+    ("batch 1, 50%, int8: >= 4x torch dense fp32", 50, "int8", 1, "x_dense32", 4.0),
+]
+
+
+def summarize(lines: list[str]) -> None:
+    """Print each target with the measured value per shape (from table lines of this script)."""
+    cols = {"%bw": 7, "x_dense32": 8}
+    print("\n# targets (sparsec kernels; measured / target, per shape)")
+    for desc, sp, vt, B, col, want in TARGETS:
+        got = []
+        for line in lines:
+            f = line.split()
+            if len(f) == 10 and f[4].startswith("sparsec") and (int(f[1]), f[2], int(f[3])) == (sp, vt, B):
+                got.append(f"{f[0]}: {float(f[cols[col]]):g}")
+        if got:
+            worst = min(float(g.split(": ")[1]) for g in got)
+            verdict = "met" if worst >= want else f"missed (worst {worst:g} = {worst / want:.0%} of target)"
+            print(f"# {desc}: " + ", ".join(got) + f" -> {verdict}")
 
 
 if __name__ == "__main__":
