@@ -124,8 +124,9 @@ def test_manifest_records_versions_kernels_and_checksums(llama_artifact):
     assert [x["format"] for x in manifest["layers"]].count("bitmask") == 14
     kernels = manifest["kernels"]
     assert kernels["mode"] == "object" and kernels["skipped"] == []
-    names = {k["qualname"] for k in kernels["kernels"]}
-    assert {"rows_1", "nnz_1", "arrange_chunks"} <= names
+    # the bf16 bitmask kernel module generated for this model, and the functions it exports
+    assert [m["module"].startswith("sparsec_bitmask_bf16_") for m in kernels["generated_modules"].values()] == [True]
+    assert sum(k["generated"] == "bitmask_bf16" for k in kernels["kernels"]) >= 2
     for k in kernels["kernels"]:
         assert f"kernels/{k['object']}" in manifest["files"]
         assert "numba_parallel_for" not in k["undefined"]  # sparsec threads the kernels itself
