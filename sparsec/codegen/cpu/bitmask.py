@@ -37,6 +37,8 @@ import numpy as np
 from numba import njit
 
 from sparsec.codegen.cpu.codecache import generated_module
+from sparsec.codegen.cpu.host import host_features
+from sparsec.codegen.cpu.simd import bf16_to_f32, f32_to_bits
 
 #: Per value type: (kind code of ``simd.load_first_f32``, chunk width W, mask loader, expand-load,
 #: vectors per chunk, x layout group g: lanes of one vector are columns ``g*j + k``).
@@ -98,6 +100,36 @@ def arrange_chunks(x, xa, W, g, Bp):
             for col in range(full * W, cols):
                 j, k = divmod(col - full * W, g)
                 dst[k * per + j] = row[col]
+
+
+@njit(nogil=True, cache=True)
+def _bf16_rne(bits):
+    """The bf16 nearest (ties to even) to the float32 with IEEE bits ``bits`` (finite values)."""
+    return (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+@njit(nogil=True, cache=True)
+def split_bf16(x, xq, limb, Bp):
+    """Each float32 ``x`` as two bf16 (round to nearest even): ``hi = bf16(x)``,
+    ``lo = bf16(x - hi)``, so ``hi + lo`` carries 16 significant bits (relative error at most
+    ``2^-17``). Row ``b`` goes to the bytes ``xq[b*2*limb : ...]``: ``limb`` bytes of ``hi``
+    then ``limb`` bytes of ``lo``, little-endian 16-bit words, zero-padded (rows >= B too)."""
+    B, cols = x.shape
+    words = xq.view(np.uint16)
+    half = limb // 2
+    for b in range(Bp):
+        base = b * 2 * half
+        for j in range(2 * half):
+            words[base + j] = 0
+        if b >= B:
+            continue
+        row = x[b]
+        for j in range(cols):
+            v = row[j]
+            hi = _bf16_rne(f32_to_bits(v))
+            lo = _bf16_rne(f32_to_bits(v - bf16_to_f32(hi)))
+            words[base + j] = hi
+            words[base + half + j] = lo
 
 
 @njit(nogil=True, cache=True)
@@ -248,10 +280,52 @@ def _rows_block_vnni(vt: str, R: int, BT: int, indent: str) -> list[str]:
     return L
 
 
+def _rows_block_bf16(R: int, BT: int, indent: str) -> list[str]:
+    """bf16 rows with ``vdpbf16ps``: ``x`` comes as two bf16 halves (``hi + lo``, see
+    :func:`split_bf16`), so a 32-column chunk is one word expand and two dot-product instructions
+    per batch row; the shift/mask to float32 of the generic float path disappears."""
+    L: list[str] = []
+    add = lambda s, ind="": L.append(indent + ind + s)  # noqa: E731
+    for i in range(R):
+        add(f"rr{i} = min(r + {i}, r1 - 1)")
+        add(f"p{i} = offs[rr{i}]")
+        add(f"mb{i} = rr{i} * nbytes")
+        for b in range(BT):
+            add(f"a{i}_{b}_0 = vzero()")
+            add(f"a{i}_{b}_1 = vzero()")
+    add("for c in range(nfull + (tailbytes > 0)):")
+    ind = "    "
+    for b in range(BT):
+        add(f"h{b} = vload_bytes(xq, (b0 + {b}) * xqstride + c * 64)", ind)
+        add(f"l{b} = vload_bytes(xq, (b0 + {b}) * xqstride + limb + c * 64)", ind)
+    for i in range(R):
+        add(
+            f"m{i} = load_u32(bm, mb{i} + c * 4) if c < nfull else load_tail(bm, mb{i} + c * 4, tailbytes)",
+            ind,
+        )
+        add(f"e{i} = expand_bf16x32_raw(vals, p{i}, m{i})", ind)
+        add(f"p{i} += popcount(m{i})", ind)
+        if PREFETCH_BYTES:
+            add(f"prefetch(vals, p{i}, {PREFETCH_BYTES})", ind)
+            add(f"prefetch(bm, mb{i} + c * 4, {PREFETCH_BYTES})", ind)
+        for b in range(BT):
+            add(f"a{i}_{b}_0 = vdpbf16(a{i}_{b}_0, e{i}, h{b})", ind)
+            add(f"a{i}_{b}_1 = vdpbf16(a{i}_{b}_1, e{i}, l{b})", ind)
+    for i in range(R):
+        for b in range(BT):
+            add(
+                f"y[b0 + {b}, rr{i}] = act(np.float64(vsum(vadd(a{i}_{b}_0, a{i}_{b}_1))) "
+                f"+ bias[rr{i}], actc)"
+            )
+    return L
+
+
 def _rows_block(vt: str, R: int, BT: int, indent: str) -> list[str]:
     """Source for ``R`` rows in flight starting at ``r``, batch rows ``b0 .. b0+BT-1``."""
     if vt in ("int8", "int4"):
         return _rows_block_vnni(vt, R, BT, indent)
+    if vt == "bf16" and BF16_DOT:
+        return _rows_block_bf16(R, BT, indent)
     kind, W, loader, expander, K, _ = _VT[vt]
     int4_t = vt == "int4" and BT == 1  # int4 at batch 1: scale the chunk's dot product, not weights
     # one accumulator per vector of the chunk: the chunk's FMAs never wait on each other
@@ -284,6 +358,9 @@ def _rows_block(vt: str, R: int, BT: int, indent: str) -> list[str]:
             add(f"m{i} = {mask_expr.format(i=i)}", ind)
             add(f"{', '.join(f'w{i}_{k}' for k in range(K))}, = {expander}(vals, p{i}, m{i})", ind)
             add(f"p{i} += popcount(m{i})", ind)
+            if PREFETCH_BYTES:
+                add(f"prefetch(vals, p{i}, {PREFETCH_BYTES})", ind)
+                add(f"prefetch(bm, mb{i} + c * {W // 8}, {PREFETCH_BYTES})", ind)
 
             if vt == "int4":
                 add(f"s{i} = vbroadcast(scales[rr{i} * gstride + g])", ind)
@@ -438,6 +515,9 @@ def module_source(vt: str) -> str:
 
 
 ROWS_TILES: tuple[int, ...] = (1, 2, 4)
+#: bf16 rows kernels use ``vdpbf16ps`` (AVX512-BF16) against ``x`` split in two bf16 halves:
+#: measured 25-33% faster than widening the weights to float32 (1.21 vs 1.62 ns a chunk in L3)
+BF16_DOT: bool = host_features().avx512bf16
 #: software prefetch distance along each row's values and mask stream in the int8/int4 kernels
 #: (0: none). Rows are short streams (a 4096-column row at 75% sparsity is ~1 KB of int8), too
 #: short for the hardware prefetcher to lock on before the row ends; measured: int8 batch 1 at

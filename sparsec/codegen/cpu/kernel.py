@@ -329,6 +329,10 @@ class _BitmaskImpl:
                 xq = np.zeros(Bp * 3 * limb, dtype=np.uint8)
                 sxs = np.zeros(Bp, dtype=np.float64)
                 bm_kernels.quantize_x24(xn, xq, sxs, limb)
+            elif self.vt == "bf16" and bm_kernels.BF16_DOT:
+                limb = nch * self.W * 2  # bytes of one bf16 half of a row of x
+                xq = np.empty(Bp * 2 * limb, dtype=np.uint8)
+                bm_kernels.split_bf16(xn, xq, limb, Bp)
             else:
                 xstride = nch * self.W
                 xa = np.empty(Bp * xstride, dtype=np.float32)
@@ -346,8 +350,9 @@ class _BitmaskImpl:
             xs = xn
             acc = np.zeros((len(self.parts) - 1, B), dtype=np.float64)
         y = np.empty((Bp, k.rows), dtype=np.float32)
+        xqstride = (2 if self.vt == "bf16" else 3) * limb
         args = (
-            (Bp,) + self.fixed + (y, xa, xstride, xt, lw, xs, acc, xq, 3 * limb, limb, sxs, ibuf, vbuf, obuf)
+            (Bp,) + self.fixed + (y, xa, xstride, xt, lw, xs, acc, xq, xqstride, limb, sxs, ibuf, vbuf, obuf)
         )
         if charge and not fn.signatures:
             t0 = time.perf_counter()

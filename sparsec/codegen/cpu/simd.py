@@ -677,3 +677,52 @@ def load_tail(typingctx, arr, byte_index, nbytes):
         return builder.bitcast(v, _I64)
 
     return types.uint64(arr, byte_index, nbytes), codegen
+
+
+# --------------------------------------------------------------------------- bf16 dot products
+
+
+@intrinsic
+def expand_bf16x32_raw(typingctx, arr, index, mask):
+    """Next ``popcount(mask)`` bf16 (16-bit ints) spread over 32 lanes in column order, left as
+    bf16 pairs for :func:`vdpbf16`."""
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        v = _expandload(builder, p, _mask(context, builder, args[2], sig.args[2], 32), _I16, 32)
+        return builder.bitcast(v, _V16I)
+
+    return i32x16(arr, index, mask), codegen
+
+
+@intrinsic
+def vdpbf16(typingctx, acc, a, b):
+    """``acc[i] += a[2i]*b[2i] + a[2i+1]*b[2i+1]`` over bf16 pairs (``vdpbf16ps``: 32 products of
+    bf16 values, exact in float32, accumulated in float32)."""
+
+    def codegen(context, builder, sig, args):
+        if _HOST.avx512bf16:
+            fn = _fn(builder, "llvm.x86.avx512bf16.dpbf16ps.512", _V16F, [_V16F, _V16I, _V16I])
+            return builder.call(fn, list(args))
+        # Portable: widen both halves of every pair to float32 and use two FMAs.
+        fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F] * 3)
+        out = args[0]
+        lo_a = builder.bitcast(builder.shl(args[1], ir.Constant(_V16I, [16] * 16)), _V16F)
+        hi_a = builder.bitcast(builder.and_(args[1], ir.Constant(_V16I, [-65536] * 16)), _V16F)
+        lo_b = builder.bitcast(builder.shl(args[2], ir.Constant(_V16I, [16] * 16)), _V16F)
+        hi_b = builder.bitcast(builder.and_(args[2], ir.Constant(_V16I, [-65536] * 16)), _V16F)
+        out = builder.call(fma, [hi_a, hi_b, out])
+        return builder.call(fma, [lo_a, lo_b, out])
+
+    return f32x16(acc, a, b), codegen
+
+
+@intrinsic
+def f32_to_bits(typingctx, value):
+    """The IEEE bit pattern of a float32, as uint32."""
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return builder.bitcast(v, _I32)
+
+    return types.uint32(value), codegen
