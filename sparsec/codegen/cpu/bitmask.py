@@ -518,11 +518,12 @@ ROWS_TILES: tuple[int, ...] = (1, 2, 4)
 #: bf16 rows kernels use ``vdpbf16ps`` (AVX512-BF16) against ``x`` split in two bf16 halves:
 #: measured 25-33% faster than widening the weights to float32 (1.21 vs 1.62 ns a chunk in L3)
 BF16_DOT: bool = host_features().avx512bf16
-#: software prefetch distance along each row's values and mask stream in the int8/int4 kernels
-#: (0: none). Rows are short streams (a 4096-column row at 75% sparsity is ~1 KB of int8), too
-#: short for the hardware prefetcher to lock on before the row ends; measured: int8 batch 1 at
-#: 4096x4096/75% went from ~590 to ~390 us of CPU per call; the float kernels showed no gain.
-PREFETCH_BYTES = 2048
+#: software prefetch distance along each row's value and mask streams, in bytes (0: none). A row
+#: is a short stream (a 4096-column row at 75% sparsity is ~1 KB of int8), too short for the
+#: hardware prefetcher to lock on before it ends. Measured at 4096x4096, batch 1, CPU time (us)
+#: for bf16 / int8 / fp16 at 75%: none 766 / ~590 / ~1540; 2 KiB 757 / 429 / 820; 16-32 KiB
+#: 506-555 / 341-387 / 639-710 (a plateau from 8 KiB to 64 KiB).
+PREFETCH_BYTES = 16384
 #: rows decoded together per batch tile: enough independent offset chains and accumulators to
 #: keep the core busy (8 rows at batch 1 measured no better than 4 on Zen 4)
 ROWS_IN_FLIGHT: dict[int, int] = {1: 4, 2: 2, 4: 1}
