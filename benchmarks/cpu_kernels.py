@@ -191,7 +191,8 @@ def main() -> None:
     )
     print(
         f"# torch {torch.__version__}; load average at start {os.getloadavg()[0]:.2f}; "
-        f"statistic: {args.stat} of rounds over rotating layer copies"
+        f"clock: {args.clock}; statistic: {args.stat if args.clock == 'wall' else 'median'} of rounds "
+        "over rotating layer copies"
     )
     print(f"# measured read bandwidth: {bw:.1f} GB/s (streaming sum, {cpu_threads()} threads)")
     ds = "importable (column not implemented)" if have_deepsparse else "not installed, skipped"
