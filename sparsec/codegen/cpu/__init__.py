@@ -8,9 +8,11 @@ The contract the runtime calls::
     kernel.compile_seconds         # compile time this kernel caused (0 if its variants existed)
     kernel.format_name, kernel.value_type
 
-Kernels are Numba-compiled, specialized per (format, value type, batch regime, activation) and
-shared by every layer with the same key; the bitmask kernels use AVX-512 expand instructions
-through LLVM intrinsics (:mod:`.simd`) when the CPU has them and a portable loop otherwise.
+Kernels are Numba-compiled from generated source per (format, value type) and shared by every
+layer of that value type (shapes, batch and activation are run-time arguments). The bitmask
+kernels use AVX-512 expand instructions, VNNI (int8/int4) and AVX512-BF16 dot products through
+LLVM intrinsics (:mod:`.simd`) when the CPU has them, and a portable loop otherwise; see
+docs/performance.md for what they measure and why.
 """
 
 from __future__ import annotations

@@ -8,13 +8,16 @@ share a handful of compiled functions, not 200:
 ``rows`` (decode once, use for a few batch rows; batch 1 is the GEMV)
     Each thread walks its rows ``R`` at a time (independent offsets and accumulators keep the
     core busy while one row's popcount chain resolves). Per chunk of ``W`` columns and row: one
-    mask load, one AVX-512 expand-load that spreads the packed values over the chunk's lanes.
-    Float values turn into float32 in registers (bf16 by a 16-bit shift) and meet ``x`` in one
-    FMA per 16 lanes, ``x`` laid out once per call to match the lane order of the decode
-    (:func:`arrange_chunks`). int8/int4 values stay bytes: ``x`` is turned once per call into a
-    24-bit fixed-point copy split in three byte limbs (:func:`quantize_x24`) and each 64-column
-    chunk is three VNNI ``vpdpbusd`` (64 multiply-adds each) per batch row, an exact integer dot
-    product. ``W`` is 32 for 16/32-bit values and 64 for int8/int4 (one 64-lane byte expand).
+    mask load, one AVX-512 expand-load that spreads the packed values over the chunk's lanes,
+    and a software prefetch far ahead on the row's streams. fp32/fp16 values turn into float32
+    in registers and meet ``x`` in one FMA per 16 lanes, ``x`` laid out once per call to match
+    the lane order of the decode (:func:`arrange_chunks`). bf16 values stay bf16 and meet ``x``
+    split in two bf16 halves (:func:`split_bf16`) in two ``vdpbf16ps`` per 32 columns (with a
+    16-bit shift to float32 instead on CPUs without AVX512-BF16). int8/int4 values stay bytes:
+    ``x`` is turned once per call into a 24-bit fixed-point copy split in three byte limbs
+    (:func:`quantize_x24`) and each 64-column chunk is three VNNI ``vpdpbusd`` (64 multiply-adds
+    each) per batch row, an exact integer dot product. ``W`` is 32 for 16/32-bit values and 64 for
+    int8/int4 (one 64-lane byte expand).
 ``nnz`` (several batch rows: work per kept value, not per column)
     A row is decoded into a short list of (column, float32 value) in L1, then every kept value is
     broadcast and multiplied into ``x^T[column, 0:16L]`` (batch in the vector lanes): the flops are
