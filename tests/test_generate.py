@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.runtime.generate import GenerationError, generate
+from sparsec.runtime.generate import FusedPart, GenerationError, build_decoder, generate
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea"]
 
@@ -80,6 +80,23 @@ def test_greedy_tokens_match_eager_huggingface(compiled_llama, tokenizer):
     assert (top2[:, 0] - top2[:, 1]).min() > 1e-4
 
 
+def test_fused_kernels_give_the_same_tokens(compiled_llama, tokenizer):
+    _, compiled, _ = compiled_llama
+    fused, plain = build_decoder(compiled), build_decoder(compiled, fuse=False)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert all(isinstance(m, FusedPart) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj))
+    assert attn.q_proj.group is attn.v_proj.group and mlp.up_proj.group is not attn.q_proj.group
+    assert not isinstance(plain.model.layers[0].self_attn.q_proj, FusedPart)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        a = getattr(attn, name)(x)
+        b = getattr(plain.model.layers[0].self_attn, name)(x)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids[0]
+    assert torch.equal(generate(fused, None, ids, 12, stop_at_eos=False).tokens,
+                       generate(plain, None, ids, 12, stop_at_eos=False).tokens)
+
+
 def test_batch_of_prompts_left_padded_matches_single_prompts(compiled_llama, tokenizer):
     _, compiled, _ = compiled_llama
     batch = generate(compiled, tokenizer, PROMPTS, 12, stop_at_eos=False)
@@ -119,7 +136,7 @@ def test_stream_pieces_add_up_to_the_text(compiled_llama, tokenizer):
 def test_stops_at_the_end_token(compiled_llama, tokenizer):
     _, compiled, _ = compiled_llama
     free = generate(compiled, tokenizer, PROMPTS[0], 8, stop_at_eos=False)
-    decoder = compiled._sparsec_decoder
+    decoder = build_decoder(compiled)  # the decoder generate used (built once per compiled model)
     saved = decoder.generation_config.eos_token_id
     decoder.generation_config.eos_token_id = int(free.tokens[0, 2])  # make the third token the end
     try:

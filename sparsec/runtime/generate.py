@@ -68,13 +68,124 @@ def _model_class(path: str) -> type:
     return obj
 
 
-def build_decoder(compiled: nn.Module) -> nn.Module:
+#: sibling layers that read the same input in the models sparsec decodes (Llama/Mistral/Qwen
+#: attention and gated MLPs, BERT attention): one kernel can compute them together.
+FUSE_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+                                            ("query", "key", "value"))
+
+
+class _SharedInput:
+    """Several kernels fused into one (their rows stacked) for layers that read the same input:
+    the first part called with an input computes every part's output, the others slice it.
+    Fewer, larger kernel calls: at decode the cost of a call is mostly fixed overhead."""
+
+    def __init__(self, fused: nn.Module) -> None:
+        self.fused = fused
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._x:
+            self._y = self.fused(x)
+            self._x = x
+        return self._y
+
+
+class FusedPart(nn.Module):
+    """One layer of a fused group: rows ``start:stop`` of the group's output for its input."""
+
+    def __init__(self, group: _SharedInput, start: int, stop: int, original: nn.Module) -> None:
+        super().__init__()
+        self.group = group
+        self.start, self.stop = start, stop
+        self.original = original  # the unfused kernel module (its packed weight, for inspection)
+        self.in_features, self.out_features = original.in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(x)[..., self.start:self.stop].contiguous()
+
+    def extra_repr(self) -> str:
+        return f"rows {self.start}:{self.stop} of a fused kernel"
+
+
+def _fuse(parts: list[nn.Module]) -> nn.Module | None:
+    """One kernel module computing ``parts`` (KernelLinear on the CPU, same input width, format,
+    value type and options, no fused activation) with their rows stacked, or None."""
+    from sparsec.formats import pack
+    from sparsec.runtime.compiled import KernelLinear, kernel_builder
+
+    first = parts[0].packed
+    same = all(isinstance(p, KernelLinear) and p.target == "cpu" and p.activation is None
+               and p.packed.format_name == first.format_name and p.packed.value_type == first.value_type
+               and p.packed.options() == first.options() and p.in_features == parts[0].in_features
+               for p in parts)
+    if not same or first.format_name not in ("bitmask", "dense"):
+        return None
+    options = dict(first.options())
+    if first.value_type in ("int8", "int4"):
+        # impose the layers' own scales: the stacked weight packs back to exactly their levels
+        options["scales"] = torch.cat([p.packed.scales for p in parts])
+    weight = torch.cat([p.packed.unpack() for p in parts])
+    packed = pack(weight, first.format_name, value_type=first.value_type, **options)
+    biases = [p.bias for p in parts]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
+    kernel = kernel_builder("cpu")(packed, bias=bias, activation=None)
+    name = "+".join(p.layer for p in parts)
+    return KernelLinear(name, packed, kernel, bias, None, "cpu")
+
+
+def host_kernels(model: nn.Module, kernels: list[nn.Module], fuse: bool = True) -> list[tuple[nn.Module, str, Any]]:
+    """Swap each kernel module into ``model`` in place of the layer of the same name (``k.layer``),
+    checking shapes; with ``fuse``, sibling layers of :data:`FUSE_GROUPS` that read the same input
+    run as one kernel. Returns ``(parent, attribute, previous module)`` for every swap, so a caller
+    can put the original layers back."""
+    swapped: list[tuple[nn.Module, str, Any]] = []
+    by_parent: dict[str, dict[str, nn.Module]] = {}
+    for k in kernels:
+        parent_name, _, attr = k.layer.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr, None)
+        if not isinstance(old, nn.Module):
+            raise GenerationError(f"{type(model).__name__} has no module {k.layer} for the compiled layer of that name")
+        features = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        if type(old).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is [in, out]
+            features = (old.nf, old.weight.shape[0])
+        if features != (k.out_features, k.in_features):
+            raise GenerationError(f"{k.layer} is {features[0]}x{features[1]} in {type(model).__name__} but the "
+                                  f"compiled kernel is {k.out_features}x{k.in_features}")
+        setattr(parent, attr, k)
+        swapped.append((parent, attr, old))
+        by_parent.setdefault(parent_name, {})[attr] = k
+    if not fuse:
+        return swapped
+    for parent_name, children in by_parent.items():
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for group in FUSE_GROUPS:
+            if not all(name in children for name in group):
+                continue
+            parts = [children[name] for name in group]
+            fused = _fuse(parts)
+            if fused is None:
+                continue
+            shared = _SharedInput(fused)
+            start = 0
+            for name, part in zip(group, parts):
+                setattr(parent, name, FusedPart(shared, start, start + part.out_features, part))
+                start += part.out_features
+    return swapped
+
+
+def build_decoder(compiled: nn.Module, fuse: bool = True) -> nn.Module:
     """The eager Hugging Face model of ``compiled`` with its kernels swapped in (built once and
-    kept on ``compiled``). Raises :class:`GenerationError` when ``compiled`` does not come from a
-    transformers causal LM, or a weight the decoder needs is not in the compiled graph."""
-    cached = getattr(compiled, "_sparsec_decoder", None)
-    if cached is not None:
-        return cached
+    kept on ``compiled``); ``fuse``: sibling layers reading the same input (q/k/v, gate/up) run
+    as one kernel (:func:`host_kernels`). Raises :class:`GenerationError` when ``compiled`` does
+    not come from a transformers causal LM, or a weight the decoder needs is not in the compiled
+    graph."""
+    cache = compiled.__dict__.setdefault("_sparsec_decoders", {})
+    if fuse in cache:
+        return cache[fuse]
     from transformers.initialization import no_init_weights
 
     from sparsec.runtime.compiled import KernelLinear
@@ -95,21 +206,8 @@ def build_decoder(compiled: nn.Module) -> nn.Module:
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
     kernels: list[KernelLinear] = compiled.kernels()
-    replaced = set()
-    for k in kernels:
-        parent_name, _, attr = k.layer.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, attr, None)
-        if not isinstance(old, nn.Module):
-            raise GenerationError(f"{cls.__name__} has no module {k.layer} for the compiled layer of that name")
-        features = (getattr(old, "out_features", None), getattr(old, "in_features", None))
-        if type(old).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is [in, out]
-            features = (old.nf, old.weight.shape[0])
-        if features != (k.out_features, k.in_features):
-            raise GenerationError(f"{k.layer} is {features[0]}x{features[1]} in {cls.__name__} but the compiled "
-                                  f"kernel is {k.out_features}x{k.in_features}")
-        setattr(parent, attr, k)
-        replaced.add(k.layer)
+    host_kernels(model, kernels, fuse=fuse)
+    replaced = {k.layer for k in kernels}
     state = {}
     graph = compiled.graph_module
     for node in graph.graph.nodes:
@@ -138,7 +236,7 @@ def build_decoder(compiled: nn.Module) -> nn.Module:
                 target = buffers.get(name)
             if target is not None and target.shape == t.shape:
                 target.copy_(t)
-    compiled._sparsec_decoder = model
+    cache[fuse] = model
     return model
 
 
