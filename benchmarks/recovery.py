@@ -18,7 +18,8 @@ The experiment of Kurtic et al. (2023), scaled to what a CPU finishes in about a
 Results go to ``--out`` (default ``benchmarks/results/recovery``): ``results.jsonl`` (one line per
 measurement, appended as it completes, so an interrupted run keeps what it finished and a rerun
 with the same settings skips it) and ``table.md``. The tuned teacher and the pruned students are
-cached under ``$SPARSEC_CACHE/recovery/<settings hash>`` so a rerun does not redo them.
+cached under ``$SPARSEC_CACHE/recovery/<hash of the settings they depend on>``, so a rerun (or a
+run with another fine-tuning budget) does not redo them.
 """
 
 from __future__ import annotations
@@ -73,10 +74,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def settings_key(args: argparse.Namespace) -> str:
-    """Hash of everything that changes a number, so cached models and rows are never mixed up."""
-    keep = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "sparsities", "losses")}
+def settings_key(args: argparse.Namespace, only: tuple[str, ...] | None = None) -> str:
+    """Hash of the settings that change a number (``only`` those named), so cached models and rows
+    are never mixed up."""
+    skip = ("out", "threads", "sparsities", "losses")
+    keep = {k: v for k, v in vars(args).items() if k not in skip and (only is None or k in only)}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+#: what the tuned teacher depends on; the pruned students add the pruner and its calibration
+TEACHER_SETTINGS = ("seq_len", "batch", "teacher_steps", "teacher_lr", "warmup", "bf16", "seed")
+PRUNED_SETTINGS = TEACHER_SETTINGS + ("pruner", "calibration")
 
 
 def hardware() -> dict:
@@ -144,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     key = settings_key(args)
-    cache = cache_dir() / "recovery" / key
-    cache.mkdir(parents=True, exist_ok=True)
+    # The teacher and the pruned students are cached by what they depend on, so a run with more
+    # fine-tuning steps reuses them.
+    teacher_cache = cache_dir() / "recovery" / settings_key(args, TEACHER_SETTINGS)
+    pruned_cache = cache_dir() / "recovery" / settings_key(args, PRUNED_SETTINGS)
+    for folder in (teacher_cache, pruned_cache):
+        folder.mkdir(parents=True, exist_ok=True)
     results = Results(out, key)
     hw = hardware()
     print(f"[recovery] settings {key}: {json.dumps(vars(args))}", flush=True)
@@ -169,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
                               device="cpu", strategy="none", progress=True, **weights)
 
     # 1. the dense teacher
-    teacher_file = cache / "teacher.pt"
+    teacher_file = teacher_cache / "teacher.pt"
+    if not results.has("dense-base"):
+        results.add("dense-base", kind="dense", sparsity=0.0, loss="none", steps=0, ppl=ppl(teacher))
     if teacher_file.exists():
         teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
     else:
-        if not results.has("dense-base"):
-            results.add("dense-base", kind="dense", sparsity=0.0, loss="none", steps=0, ppl=ppl(teacher))
         t0 = time.perf_counter()
         # the teacher draws its windows in another order than the students do
         teacher_config = config(args.teacher_steps, args.teacher_lr, args.seed + 1000, **LOSSES["ce"])
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for sparsity in sparsities:
         # 2. one-shot pruned student
-        pruned_file = cache / f"pruned-{args.pruner}-{sparsity}.pt"
+        pruned_file = pruned_cache / f"pruned-{args.pruner}-{sparsity}.pt"
         pruned = copy.deepcopy(teacher)
         if pruned_file.exists():
             _load_pruned(pruned, torch.load(pruned_file, weights_only=True))
@@ -215,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t0
             results.add(name, kind="finetuned", sparsity=sparsity, loss=loss, steps=args.steps,
                         ppl=ppl(student), seconds=round(seconds, 1), mask_violations=history.mask_violations,
-                        final_train_loss=history[-1]["loss"], final_ce=history[-1].get("ce"))
+                        final_train_loss=history[-1]["loss"], final_ce=history[-1].get("ce"),
+                        train_ce=[round(r["ce"], 4) for r in history])
             del student
     total = time.perf_counter() - t_all
     table = render(results.rows, sparsities, losses, args, hw, total)
