@@ -15,6 +15,8 @@ last-level cache (read from /sys), so weights come from memory, as in a real mod
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import glob
 import os
 import platform
@@ -122,6 +124,16 @@ def time_rotating(calls: list, min_seconds: float = 0.3, min_rounds: int = 3) ->
     return STAT(per_call)
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the OS between configurations: the machine is shared, and
+    glibc keeps freed arenas of large tensors otherwise (several GB over a full run)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def copies_needed(layer_bytes: int, llc: int) -> int:
     return max(2, -(-2 * llc // max(layer_bytes, 1)) + 1)
 
@@ -220,6 +232,7 @@ def main() -> None:
                 t16 = time_rotating([lambda w=w, xb=xb: F.linear(xb, w) for w in dense16])
                 _row(rows, cols, 0.0, "bf16", B, "torch-dense", t16, rows * cols * 2, bw, t32)
         del dense32, dense16
+        release_memory()
         for sp in sparsities:
             w = dense_w * (torch.rand(rows, cols, generator=gen) >= sp)
             if not args.no_baselines and sp > 0:
@@ -234,7 +247,8 @@ def main() -> None:
                     xt = torch.randn(cols, B, generator=gen)
                     t = time_rotating([lambda c=c, xt=xt: torch.mm(c, xt) for c in csrs])
                     _row(rows, cols, sp, "fp32", B, "torch-csr", t, csr_bytes, bw, base32[B])
-                del csrs
+                del csrs, csr
+                release_memory()
             for vt in values:
                 p = pack(w, "bitmask", vt)
                 nb = p.nbytes()
@@ -250,6 +264,7 @@ def main() -> None:
                     name = "sparsec-dense" if impl.use_dense(B) else f"sparsec-{family}{tile or ''}"
                     _row(rows, cols, sp, vt, B, name, t, nb, bw, base32[B])
                 del kernels, p
+                release_memory()
             sys.stdout.flush()
     summarize(RESULTS)
 
