@@ -162,10 +162,15 @@ class _Zeros(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
+CLOCK = "wall"
+
+
 def decode_rate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
-    """Decode tokens/s (batch rows x decode steps / decode seconds) of one generation."""
+    """Decode tokens/s (batch rows x decode steps / decode seconds) of one generation, by the wall
+    clock or (``--clock cpu``) by the CPU time of this process."""
     r = generate(model, None, ids, new_tokens, stop_at_eos=False)
-    return r.tokens_per_second
+    seconds = r.decode_cpu_seconds if CLOCK == "cpu" else r.decode_seconds
+    return r.batch * (r.steps - 1) / seconds
 
 
 def compiled_variant(model: nn.Module, ids: torch.Tensor, pipeline: str) -> tuple[nn.Module, dict]:
@@ -291,15 +296,21 @@ def main() -> None:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch intra-op threads (attention, norms, dense layers); sparsec kernels use their "
                         "own pool (SPARSEC_NUM_THREADS). Default: torch's choice")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: CPU time of this process (all its threads), which "
+                        "leaves out time spent waiting for cores other processes hold")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    global CLOCK
+    CLOCK = args.clock
     if args.quick:
         args.models, args.batches, args.sparsity, args.new_tokens, args.rounds = (
             ["smollm2-135m"], [1], [0.5], 16, 2)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{torch.get_num_threads()} torch threads, {args.clock} clock, load average {os.getloadavg()[0]:.1f}",
+          flush=True)
     rows = run(args)
     print()
     print(table(rows))

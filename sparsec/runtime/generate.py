@@ -249,8 +249,10 @@ class GenerationResult:
 
     ``text``: the generated continuation (a list for a list of prompts); ``tokens``: the new
     token ids ``[batch, steps]`` (finished rows padded with the end token); ``prefill_seconds``
-    (prompt, first token), ``decode_seconds`` (every later token); ``tokens_per_second``: batch
-    rows x decode steps / decode seconds, the decode throughput.
+    (prompt, first token), ``decode_seconds`` (every later token, wall clock) and
+    ``decode_cpu_seconds`` (the same span in CPU time of the whole process, every thread: on a
+    machine shared with other work it counts this process's work only); ``tokens_per_second``:
+    batch rows x decode steps / decode seconds, the decode throughput.
     """
 
     text: str | list[str]
@@ -262,6 +264,7 @@ class GenerationResult:
     batch: int
     tokens_per_second: float
     finished: list[bool] = field(default_factory=list)
+    decode_cpu_seconds: float = 0.0
 
 
 def _resolve_model(model: Any) -> tuple[nn.Module, Any]:
@@ -395,7 +398,7 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
                          logits_to_keep=1).logits[:, -1]
         tok = pick(logits)
         out[:, 0] = tok
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         emit(0)
         steps = 1
         one = None if mask is None else torch.ones(B, 1, dtype=mask.dtype)
@@ -415,7 +418,7 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
             out[:, step] = tok
             steps += 1
             emit(step)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
     if eos_t is not None:
         finished |= torch.isin(out[:, steps - 1], eos_t)
     tokens = out[:, :steps]
@@ -428,7 +431,7 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
         text=text if batched else text[0], tokens=tokens, prompt_tokens=int(ids.shape[1]),
         prefill_seconds=t1 - t0, decode_seconds=decode_seconds, steps=steps, batch=B,
         tokens_per_second=B * (steps - 1) / decode_seconds if steps > 1 and decode_seconds > 0 else 0.0,
-        finished=[bool(f) for f in finished])
+        finished=[bool(f) for f in finished], decode_cpu_seconds=c2 - c1)
 
 
 # --------------------------------------------------------------------------- command line
