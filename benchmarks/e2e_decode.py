@@ -282,7 +282,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2-135m,llama-1b", type=lambda s: s.split(","))
     p.add_argument("--batches", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--sparsity", default="0.5,0.7", type=lambda s: [float(x) for x in s.split(",")])
+    p.add_argument("--sparsity", default="0.5,0.7", type=lambda s: [float(x) for x in s.split(",") if x],
+                   help="sparsities of the sparsec rows ('' for none)")
     p.add_argument("--values", default="bf16,int8", type=lambda s: s.split(","))
     p.add_argument("--dense", default="fp32,bf16", type=lambda s: s.split(","))
     p.add_argument("--prompt-tokens", type=int, default=32)

@@ -98,14 +98,15 @@ class FusedPart(nn.Module):
         super().__init__()
         self.group = group
         self.start, self.stop = start, stop
-        self.original = original  # the unfused kernel module (its packed weight, for inspection)
+        # the layer's name, not its unfused kernel: holding that would keep two copies of the weights
+        self.layer = original.layer
         self.in_features, self.out_features = original.in_features, stop - start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.output(x)[..., self.start:self.stop].contiguous()
 
     def extra_repr(self) -> str:
-        return f"rows {self.start}:{self.stop} of a fused kernel"
+        return f"{self.layer}: rows {self.start}:{self.stop} of {self.group.fused.layer}"
 
 
 def _fuse(parts: list[nn.Module]) -> nn.Module | None:
@@ -180,7 +181,8 @@ def host_kernels(model: nn.Module, kernels: list[nn.Module], fuse: bool = True) 
 def build_decoder(compiled: nn.Module, fuse: bool = True) -> nn.Module:
     """The eager Hugging Face model of ``compiled`` with its kernels swapped in (built once and
     kept on ``compiled``); ``fuse``: sibling layers reading the same input (q/k/v, gate/up) run
-    as one kernel (:func:`host_kernels`). Raises :class:`GenerationError` when ``compiled`` does
+    as one kernel (:func:`host_kernels`; the fused weights are a second copy of those layers'
+    packed weights beside the compiled graph's). Raises :class:`GenerationError` when ``compiled`` does
     not come from a transformers causal LM, or a weight the decoder needs is not in the compiled
     graph."""
     cache = compiled.__dict__.setdefault("_sparsec_decoders", {})
