@@ -116,3 +116,14 @@ def test_ddp_and_fsdp_match_single_process(tmp_path):
         assert saved["step"] == 4 and saved["data"]["global_batch"] == 4
         for k, v in ref_state.items():
             torch.testing.assert_close(saved["model"][f"graph_module.{k}"], v, rtol=1e-5, atol=1e-6)
+
+
+def test_distributed_strategy_without_processes_is_a_clear_error(monkeypatch):
+    from sparsec.finetune.distributed import DistributedSetupError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    student, teacher, ids = build()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(DistributedSetupError, match="torchrun"):
+        finetune(student, teacher, ids, FinetuneConfig(**SETTINGS, strategy="fsdp"))
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
