@@ -103,6 +103,44 @@ def test_compiled_module_keeps_only_packed_weights(mlp):
     assert all(isinstance(k, KernelLinear) for k in compiled.kernels())
 
 
+class _EmbedNormMLP(torch.nn.Module):
+    """Leaf modules with their own parameters (Embedding, LayerNorm) between Linears: symbolic
+    tracing keeps them as ``call_module`` nodes that read their parameters without ``get_attr``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(40, 32)
+        self.up = torch.nn.Linear(32, 64)
+        self.norm = torch.nn.LayerNorm(64)
+        self.down = torch.nn.Linear(64, 16)
+
+    def forward(self, ids):
+        return self.down(torch.relu(self.norm(self.up(self.embed(ids)))))
+
+
+def test_leaf_modules_keep_their_parameters(tmp_path):
+    torch.manual_seed(0)
+    model = _EmbedNormMLP().eval()
+    with torch.no_grad():  # not the default ones and zeros, so a lost affine would show
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
+    compiled = sparsec.compile(model, (ids,), pipeline="prune-magnitude{sparsity=0.5},lower-cpu")
+    assert compiled.report.capture_method == "symbolic_trace"
+    assert [k.layer for k in compiled.kernels()] == ["up", "down"]
+    params = {n for n, _ in compiled.named_parameters()}
+    assert params == {"graph_module.embed.weight", "graph_module.norm.weight", "graph_module.norm.bias"}
+    ref = _eager_pruned(model, compiled)
+    ids2 = torch.randint(0, 40, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = compiled(ids2)
+        assert _rel(y, ref(ids2)) < TOL
+    path = tmp_path / "embed-norm"
+    sparsec.save(compiled, path)
+    with torch.no_grad():
+        assert torch.equal(sparsec.load(path)(ids2), y)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"target": "tpu"}, CompileError, "unknown target 'tpu'"),
     ({"pipeline": "prune-magnitude{sparsity=0.5},lower-cuda", "target": "cpu"}, CompileError, "lowers with lower-cuda"),

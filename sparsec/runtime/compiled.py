@@ -112,6 +112,7 @@ def build_compiled(gm: fx.GraphModule, target: str, verify_inputs: tuple[tuple, 
     graph = gm.graph
     lowered = [n for n in graph.nodes if meta.LOWERING in n.meta]
     records: dict[str, LayerRecord] = {}
+    replaced: set[str] = set()
     eager: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     result = BuildResult(gm)
     for index, node in enumerate(tqdm(lowered, desc="building kernels", disable=not progress, leave=False)):
@@ -120,6 +121,7 @@ def build_compiled(gm: fx.GraphModule, target: str, verify_inputs: tuple[tuple, 
         fusion = node.meta.get(meta.FUSION, {})
         activation = fusion.get("activation")
         bias = gm.get_parameter(layer.bias).detach() if layer.bias else None
+        replaced.update(t for t in (layer.weight, layer.bias, node.meta.get(meta.MASK)) if t)
         t0 = time.perf_counter()
         kernel = build(packed, bias=bias, activation=activation)
         seconds = time.perf_counter() - t0
@@ -154,7 +156,7 @@ def build_compiled(gm: fx.GraphModule, target: str, verify_inputs: tuple[tuple, 
     gm.recompile()
     if verify_inputs is not None and records:
         _verify_layers(gm, verify_inputs, eager, records)
-    _drop_unused_parameters(gm)
+    _drop_unused_parameters(gm, replaced)
     result.layers = list(records.values())
     return result
 
@@ -201,20 +203,30 @@ def _verify_layers(gm: fx.GraphModule, inputs: tuple[tuple, dict],
             h.remove()
 
 
-def _drop_unused_parameters(gm: fx.GraphModule) -> None:
-    """Delete dense weights no node reads any more: the packed copy replaced them."""
+def _drop_unused_parameters(gm: fx.GraphModule, replaced: set[str]) -> None:
+    """Delete the dense weights, biases and masks of lowered layers that nothing reads any more.
+
+    Only names in ``replaced`` (what a :class:`KernelLinear` now holds a packed copy of) are
+    candidates. One stays when the graph still reads it: by a ``get_attr`` of it (a tied weight
+    used by another op), or through a module the graph calls (``call_module`` of a leaf such as
+    ``nn.LayerNorm`` or ``nn.Embedding`` reads its own parameters, which no ``get_attr`` names).
+    """
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for fqn, _ in list(gm.named_parameters(remove_duplicate=False)):
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+    def still_read(fqn: str) -> bool:
         if fqn in used or any(u.startswith(fqn + ".") for u in used):
+            return True
+        return any(fqn.startswith(m + ".") for m in called)
+
+    for fqn in sorted(replaced):
+        if still_read(fqn):
             continue
         owner_name, _, attr = fqn.rpartition(".")
         owner = gm.get_submodule(owner_name) if owner_name else gm
         if attr in owner._parameters:
             del owner._parameters[attr]
-    for fqn, _ in list(gm.named_buffers()):
-        if fqn.endswith("_mask") and fqn not in used:
-            owner_name, _, attr = fqn.rpartition(".")
-            owner = gm.get_submodule(owner_name) if owner_name else gm
+        else:
             owner._buffers.pop(attr, None)
 
 
