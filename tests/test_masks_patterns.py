@@ -112,3 +112,31 @@ def test_topk_keep_mask_exact_under_ties():
     keep = topk_keep_mask(scores, 0.5)
     assert int((~keep).sum()) == 4
     assert keep[-2:].all() and (~keep[:3]).all()
+
+
+def _sorted_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The definition: prune the round(sparsity * numel) first entries of a stable ascending sort."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[torch.argsort(scores.reshape(-1).float(), stable=True)[:prune_count(sparsity, scores.numel())]] = False
+    return keep.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("kind", ["normal", "abs", "few_levels", "signed_zeros", "nan_inf"])
+def test_topk_keep_mask_is_the_stable_sort_mask(kind):
+    # topk_keep_mask selects by a partition, not a sort: the same mask on random shapes,
+    # sparsities and ties (repeated levels, +0/-0, NaN and inf scores)
+    gen = torch.Generator().manual_seed(sum(map(ord, kind)))
+    for trial in range(200):
+        shape = tuple(int(v) for v in torch.randint(1, 40, (2,), generator=gen))
+        s = torch.randn(shape, generator=gen)
+        if kind == "abs":
+            s = s.abs()
+        elif kind == "few_levels":
+            s = torch.randint(0, 4, shape, generator=gen).float()
+        elif kind == "signed_zeros":
+            s = torch.where(s > 0, torch.zeros_like(s), -torch.zeros_like(s))
+        elif kind == "nan_inf":
+            s[torch.rand(shape, generator=gen) < 0.2] = float("nan")
+            s[torch.rand(shape, generator=gen) < 0.1] = float("inf")
+        sparsity = [0.0, 0.5, 0.99][trial] if trial < 3 else float(torch.rand(1, generator=gen))
+        assert torch.equal(topk_keep_mask(s, sparsity), _sorted_keep_mask(s, sparsity)), (shape, sparsity)
