@@ -72,14 +72,14 @@ class CompileReport:
         """The per-layer table the CLI prints, then the totals and what capture left opaque."""
         name_w = max([len(r.name) for r in self.layers] + [5])
         head = (f"{'layer':<{name_w}}  {'shape':>11}  {'sparsity':>8}  {'format':<8} {'values':<6} "
-                f"{'bytes':>10}  {'x dense':>7}  {'max rel err':>11}")
+                f"{'bytes':>10}  {'x dense':>7}  {'max rel err':>11}  {'compile s':>9}")
         lines = [head, "-" * len(head)]
         for r in self.layers:
             err = "-" if r.max_rel_error is None else f"{r.max_rel_error:.2e}"
             shape = f"{r.shape[0]}x{r.shape[1]}"
             ratio = r.dense_bytes / max(1, r.nbytes)
             lines.append(f"{r.name:<{name_w}}  {shape:>11}  {r.sparsity:8.1%}  {r.format:<8} {r.value_type:<6} "
-                         f"{r.nbytes:>10,}  {ratio:6.2f}x  {err:>11}")
+                         f"{r.nbytes:>10,}  {ratio:6.2f}x  {err:>11}  {r.compile_seconds:9.3f}")
         ratio = self.dense_bytes / max(1, self.nbytes)
         lines.append("-" * len(head))
         lines.append(f"{len(self.layers)} layers, {self.nbytes:,} bytes ({ratio:.2f}x fewer than dense fp32); "

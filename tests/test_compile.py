@@ -58,6 +58,10 @@ def test_mlp_compiles_and_matches_eager(mlp):
     assert report.max_rel_error < TOL
     assert report.max_rel_error_vs_original > 1e-3  # pruning 75% changes the function
     assert "bitmask" in report.table() and report.pipeline == "prune-magnitude{sparsity=0.75},lower-cpu"
+    # kernel compile time per layer: a column of the table, what an earlier layer compiled costs 0
+    assert "compile s" in report.table().splitlines()[0]
+    assert all(r.compile_seconds >= 0 for r in report.layers) and report.kernel_seconds >= sum(
+        r.compile_seconds for r in report.layers)
 
 
 def test_tiny_llama_compiles_and_matches_eager(tiny_llama):
