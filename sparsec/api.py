@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from sparsec.capture import Capture, OpaquePart, capture
+from sparsec.ir.device import move_graph
 from sparsec.passes import (
     NumericCheck,
     Pass,
@@ -25,7 +26,14 @@ from sparsec.passes import (
     run_passes,
 )
 from sparsec.passes.base import max_relative_error
-from sparsec.runtime.compiled import CompiledModule, LayerRecord, build_compiled, kernel_builder
+from sparsec.runtime.compiled import (
+    CompiledModule,
+    LayerRecord,
+    build_compiled,
+    kernel_builder,
+    target_device,
+    to_device,
+)
 from sparsec.runtime.generate import model_description
 
 TARGETS = ("cpu", "cuda")
@@ -159,6 +167,11 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
     gm, _ = run_passes(cap.graph_module, list(pipe.passes), ctx)
     with torch.no_grad():
         eager = gm(*inputs[0], **inputs[1])
+    # passes ran on the CPU; the kernels, and every other weight, live where the target runs
+    device = target_device(target)
+    if device.type != "cpu":
+        move_graph(gm, device)
+        inputs = to_device(inputs, device)
     built = build_compiled(gm, target, verify_inputs=inputs, progress=progress)
     compiled = CompiledModule(built.graph_module, method=cap.method, input_names=cap.input_names,
                               constant_kwargs=cap.constant_kwargs, target=target, pipeline=pipe.to_text())

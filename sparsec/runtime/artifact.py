@@ -106,6 +106,9 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
 
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"save needs a CompiledModule from sparsec.compile, got {type(compiled).__name__}")
+    if compiled.target != "cpu":
+        raise ArtifactError(f"artifacts hold CPU object code; this model was compiled for {compiled.target!r}. "
+                            f"Compile it with target='cpu' to save it, or keep the {compiled.target} model in memory")
     dest = Path(path)
     _check_destination(dest)
     gm = compiled.graph_module

@@ -76,6 +76,23 @@ def kernel_builder(target: str):
     raise TargetUnavailableError(f"unknown target {target!r}; use 'cpu' or 'cuda'")
 
 
+def target_device(target: str) -> torch.device:
+    """Where a model compiled for ``target`` runs: the current GPU for ``cuda`` (the CPU under
+    numba's CUDA simulator), else the CPU. Call after :func:`kernel_builder` accepted the target."""
+    if target == "cuda":
+        from sparsec.codegen.cuda.build import device
+
+        return device()
+    return torch.device("cpu")
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """``tree`` (nested tuples, lists, dicts) with every tensor moved to ``device``."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
+
+
 @dataclass
 class LayerRecord:
     """What the runtime built for one layer; the compile report's row."""
@@ -249,9 +266,18 @@ class CompiledModule(nn.Module):
         self.pipeline = pipeline
         self.report = report
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs; tensor inputs are moved here, outputs stay here."""
+        from sparsec.ir.device import graph_device
+
+        return graph_device(self.graph_module)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from sparsec.capture import bind_inputs
 
+        if self.target != "cpu":
+            args, kwargs = to_device((args, kwargs), self.device)
         if self.method != "export":
             return self.graph_module(*args, **kwargs)
         _, bound = bind_inputs(self.method, self.input_names, self.constant_kwargs, args, kwargs)

@@ -7,10 +7,10 @@ Public contract (what the runtime calls)::
     y = k(x)                                    # x [..., cols] float32/float16 -> y [..., rows]
 
 ``packed`` is a :class:`sparsec.formats.PackedWeight` in the ``bitmask`` format (fp32, bf16,
-fp16, int8 or int4 values) or the ``nm`` format; ``bias`` is ``None`` or ``[rows]`` (torch or
-NumPy, any float dtype; kept in float32); ``activation`` is ``None``, ``"relu"``, ``"gelu"``
-(erf), ``"gelu_tanh"`` or ``"silu"``, fused into the kernel's epilogue. Accumulation is float32
-whatever the input dtype.
+fp16, int8 or int4 values), the ``nm`` format, or ``dense`` (run by cuBLAS through torch);
+``bias`` is ``None`` or ``[rows]`` (torch or NumPy, any float dtype; kept in float32);
+``activation`` is ``None``, ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"silu"``, fused
+into the kernel's epilogue. Accumulation is float32 whatever the input dtype.
 
 Without a GPU the kernels still run, slowly, under numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1`` set before numba is imported): that is how the tests check them.
@@ -36,8 +36,9 @@ __all__ = [
     "cuda_available",
 ]
 
-#: Formats with a CUDA kernel; other formats are refused by :func:`build_linear_kernel`.
-KERNEL_FORMATS: tuple[str, ...] = ("bitmask", "nm")
+#: Formats the CUDA target runs: sparse ones with sparsec's kernels, ``dense`` with cuBLAS
+#: (through torch); other formats are refused by :func:`build_linear_kernel`.
+KERNEL_FORMATS: tuple[str, ...] = ("bitmask", "nm", "dense")
 
 #: Activations the epilogue can fuse (``None``: none).
 ACTIVATION_NAMES: tuple[str, ...] = ("relu", "gelu", "gelu_tanh", "silu")

@@ -10,6 +10,7 @@ import torch
 from sparsec.codegen.cuda import KERNEL_FORMATS
 from sparsec.codegen.cuda import bitmask as bitmask_kernels
 from sparsec.codegen.cuda import nm as nm_kernels
+from sparsec.codegen.cuda.dense import DenseCudaLinear
 from sparsec.codegen.cuda.kernel import CudaLinearKernel, KernelSpec
 from sparsec.codegen.cuda.values import BATCH_BUCKETS
 from sparsec.formats.base import PackedWeight
@@ -99,19 +100,34 @@ def _nm_spec(packed: PackedWeight, activation: str | None, has_bias: bool) -> Ke
 
 
 _SPECS = {"bitmask": _bitmask_spec, "nm": _nm_spec}
-assert tuple(_SPECS) == KERNEL_FORMATS
+assert tuple(_SPECS) + ("dense",) == KERNEL_FORMATS
 
 
-def build(packed: PackedWeight, bias: Any, activation: str | None) -> CudaLinearKernel:
+def device() -> torch.device:
+    """Where layers are built: the current CUDA device, or the CPU under the simulator."""
+    from sparsec.codegen.cuda.device import SIMULATOR
+
+    if SIMULATOR:
+        return torch.device("cpu")
+    from sparsec.codegen.cuda.device import cuda
+
+    return torch.device("cuda", cuda.get_current_device().id)
+
+
+def build(packed: PackedWeight, bias: Any, activation: str | None) -> CudaLinearKernel | DenseCudaLinear:
     """See :func:`sparsec.codegen.cuda.build_linear_kernel` (which checks the GPU first)."""
     if not isinstance(packed, PackedWeight):
         raise TypeError(
             f"expected a sparsec PackedWeight, got {type(packed).__name__}; pack the weight first"
         )
     name = getattr(packed, "format_name", None)
+    if name == "dense":
+        bias_host = _bias_array(bias, packed.rows)
+        return DenseCudaLinear(packed, None if bias_host is None else torch.from_numpy(bias_host), activation,
+                               device())
     make_spec = _SPECS.get(name)
     if make_spec is None:
-        known = ", ".join(sorted(_SPECS))
+        known = ", ".join(sorted(KERNEL_FORMATS))
         raise ValueError(f"no CUDA kernel for format {name!r}; the CUDA target supports: {known}")
     bias_host = _bias_array(bias, packed.rows)
     spec = make_spec(packed, activation, bias_host is not None)
