@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 import time
@@ -110,13 +111,13 @@ class FusedPart(nn.Module):
 
 
 def _fuse(parts: list[nn.Module]) -> nn.Module | None:
-    """One kernel module computing ``parts`` (KernelLinear on the CPU, same input width, format,
+    """One kernel module computing ``parts`` (KernelLinear of one target, same input width, format,
     value type and options, no fused activation) with their rows stacked, or None."""
     from sparsec.formats import pack
     from sparsec.runtime.compiled import KernelLinear, kernel_builder
 
-    first = parts[0].packed
-    same = all(isinstance(p, KernelLinear) and p.target == "cpu" and p.activation is None
+    first, target = parts[0].packed, parts[0].target
+    same = all(isinstance(p, KernelLinear) and p.target == target and p.activation is None
                and p.packed.format_name == first.format_name and p.packed.value_type == first.value_type
                and p.packed.options() == first.options() and p.in_features == parts[0].in_features
                for p in parts)
@@ -131,10 +132,10 @@ def _fuse(parts: list[nn.Module]) -> nn.Module | None:
     biases = [p.bias for p in parts]
     bias = None
     if any(b is not None for b in biases):
-        bias = torch.cat([b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
-    kernel = kernel_builder("cpu")(packed, bias=bias, activation=None)
+        bias = torch.cat([b.cpu() if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
+    kernel = kernel_builder(target)(packed, bias=bias, activation=None)
     name = "+".join(p.layer for p in parts)
-    return KernelLinear(name, packed, kernel, bias, None, "cpu")
+    return KernelLinear(name, packed, kernel, bias, None, target)
 
 
 def host_kernels(model: nn.Module, kernels: list[nn.Module], fuse: bool = True) -> list[tuple[nn.Module, str, Any]]:
@@ -190,6 +191,7 @@ def build_decoder(compiled: nn.Module, fuse: bool = True) -> nn.Module:
         return cache[fuse]
     from transformers.initialization import no_init_weights
 
+    from sparsec.ir.device import graph_device
     from sparsec.runtime.compiled import KernelLinear
 
     desc = getattr(compiled, "source_model", None)
@@ -238,6 +240,8 @@ def build_decoder(compiled: nn.Module, fuse: bool = True) -> nn.Module:
                 target = buffers.get(name)
             if target is not None and target.shape == t.shape:
                 target.copy_(t)
+    # a graph compiled for the GPU holds its other weights there too: run the decoder beside them
+    model.to(graph_device(graph))
     cache[fuse] = model
     return model
 
@@ -392,18 +396,27 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
 
     from transformers import DynamicCache
 
+    from sparsec.ir.device import graph_device
+
+    # The model runs where its weights are; tokens are picked and kept on the CPU (one small copy
+    # a step), so sampling and the output do not depend on the device.
+    device = graph_device(decoder)
+    # transformers 5.2x names the cache argument ``cache``; earlier releases ``past_key_values``
+    cache_key = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    ids = ids.to(device)
+    mask = None if mask is None else mask.to(device)
     with torch.inference_mode():
         cache = DynamicCache(config=decoder.config)
         pos = None if mask is None else (mask.cumsum(-1) - 1).clamp_(min=0)
         t0 = time.perf_counter()
-        logits = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                         logits_to_keep=1).logits[:, -1]
-        tok = pick(logits)
+        logits = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_key: cache},
+                         use_cache=True, logits_to_keep=1).logits[:, -1]
+        tok = pick(logits.float().cpu())
         out[:, 0] = tok
         t1, c1 = time.perf_counter(), time.process_time()
         emit(0)
         steps = 1
-        one = None if mask is None else torch.ones(B, 1, dtype=mask.dtype)
+        one = None if mask is None else torch.ones(B, 1, dtype=mask.dtype, device=device)
         for step in range(1, max_new_tokens):
             if eos_t is not None:
                 finished |= torch.isin(tok, eos_t)
@@ -412,9 +425,9 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
             if mask is not None:
                 mask = torch.cat([mask, one], -1)
                 pos = pos[:, -1:] + 1
-            logits = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, cache=cache,
-                             use_cache=True, logits_to_keep=1).logits[:, -1]
-            tok = pick(logits)
+            logits = decoder(input_ids=tok[:, None].to(device), attention_mask=mask, position_ids=pos,
+                             **{cache_key: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+            tok = pick(logits.float().cpu())
             if eos_t is not None:
                 tok = torch.where(finished, torch.full_like(tok, fill), tok)
             out[:, step] = tok
