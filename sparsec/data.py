@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import bz2
 import functools
+import json
 import math
+import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -29,9 +32,20 @@ class DataError(ValueError):
     """Missing corpus, an unknown split, or a request the corpus cannot satisfy."""
 
 
+def articles_cache() -> Path:
+    """Where the extracted articles are kept (JSON), so later processes skip the extraction and a
+    machine without gensim can use a copied file."""
+    from sparsec.models import cache_dir
+
+    return cache_dir() / "text" / f"{WIKI_FILE}.json"
+
+
 @functools.lru_cache(maxsize=1)
 def wikipedia_articles() -> tuple[tuple[str, str], ...]:
     """``(title, plain text)`` of every non-redirect article of gensim's Wikipedia dump, in order."""
+    cached = articles_cache()
+    if cached.exists():
+        return tuple((title, text) for title, text in json.loads(cached.read_text()))
     try:
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
         from gensim.test.utils import datapath
@@ -46,6 +60,13 @@ def wikipedia_articles() -> tuple[tuple[str, str], ...]:
             text = filter_wiki(raw).replace("'''", "").replace("''", "")
             text = re.sub(r"\n{3,}", "\n\n", text).strip()
             articles.append((title, text))
+    try:  # written atomically: a reader never sees half a file
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(articles))
+        os.replace(tmp, cached)
+    except OSError:  # a read-only cache only costs the extraction next time
+        pass
     return tuple(articles)
 
 
@@ -99,17 +120,24 @@ def heldout_windows(tokenizer, seq_len: int = 512, windows: int = 32) -> torch.T
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+               device: str | torch.device | None = None) -> float:
     """exp(mean next-token cross entropy) of a causal LM over ``windows`` ``[n, seq_len]``.
 
-    ``model(input_ids)`` must return logits (a tensor, or an object with ``.logits``).
+    ``model(input_ids)`` must return logits (a tensor, or an object with ``.logits``). The
+    windows are moved to ``device`` (default: the device of ``model``'s first parameter when it
+    is a module, else where they are).
     """
+    if device is None and isinstance(model, torch.nn.Module):
+        device = next((p.device for p in model.parameters()), None)
     from tqdm.auto import tqdm
 
     total, count = 0.0, 0
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
         ids = windows[start: start + batch_size]
+        if device is not None:
+            ids = ids.to(device)
         out = model(input_ids=ids)
         logits = out if isinstance(out, torch.Tensor) else out.logits
         if not torch.isfinite(logits).all():

@@ -70,15 +70,20 @@ def bundled_gguf(name: str) -> Path:
     return path
 
 
-def load(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` of bundled model ``name`` in eval mode, from the fp32 cache when present."""
+def load(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, gguf: str | os.PathLike | None = None):
+    """``(model, tokenizer)`` of bundled model ``name`` in eval mode, from the fp32 cache when present.
+
+    ``gguf``: the model's GGUF file, for a machine where its package is not installed (a copy of
+    the file); by default the file is found in the bundled package.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _offline()
-    gguf = bundled_gguf(name)
     folder = cache_dir() / name
     if not (folder / "config.json").exists():
-        _build_cache(gguf, folder)
+        if gguf is not None and not Path(gguf).is_file():
+            raise ModelLoadError(f"{gguf} is not a file; give the path of {name}'s GGUF file")
+        _build_cache(Path(gguf) if gguf is not None else bundled_gguf(name), folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model.eval()
