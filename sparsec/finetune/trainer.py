@@ -55,6 +55,7 @@ from sparsec.finetune.losses import LossWeights, distillation_loss
 from sparsec.finetune.model import DistillModel, ModelInputError, as_distill_model, check_pair
 from sparsec.finetune.schedules import CubicSchedule, GradualMagnitudePruning
 from sparsec.ir import meta
+from sparsec.ir.device import move_module
 from sparsec.ir.layers import find_layers
 from sparsec.passes.masks import DEFAULT_IGNORE, apply_mask, mask_buffer_name
 from sparsec.passes.taps import is_tapped, remove_taps
@@ -340,10 +341,11 @@ class _Run:
 
         c, ctx = self.config, self.ctx
         student, teacher = self.student, self.teacher
-        student.to(ctx.device)
+        # captured graphs record devices in their nodes (positions, masks): move those too
+        move_module(student, ctx.device)
         _set_mode(student, True)
         if teacher is not None:
-            teacher.to(ctx.device)
+            move_module(teacher, ctx.device)
             _set_mode(teacher, False)
         state = self.resume_state
         start = 0
