@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass
 
 FULL = {
     "shapes": [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)],
-    "sparsities": [0.5, 0.7, 0.75, 0.9, "2:4"],
+    # 75% first: the targets are set there, and a run cut short by a time limit still has them
+    "sparsities": [0.75, 0.5, 0.7, 0.9, "2:4"],
     "batches": [1, 4, 16],
     "value_types": ["fp16", "int8", "int4"],
 }

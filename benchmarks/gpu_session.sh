@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything sparsec checks and times on a GPU, in as few device calls as possible.
+#
+#   bash benchmarks/gpu_session.sh kernels   # environment, CUDA kernel tests on the GPU, kernel benchmark
+#   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager; recovery on the GPU
+#
+# Each step runs under its own time limit, so one slow or failing step still leaves the others'
+# output. Logs and JSON go to $OUT (default /tmp/sparsec-gpu). The GPU image has torch, numba and
+# numba-cuda but not sparsec: the checkout is used in place (PYTHONPATH), and wheels for what the
+# image lacks may be installed from $WHEELS first.
+set -u
+OUT=${OUT:-/tmp/sparsec-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=${PY:-python3}
+if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/sparsec-site "$WHEELS"/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/sparsec-site
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, keep its output in $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s"
+}
+
+case "${1:-}" in
+  kernels)
+    step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv;
+      '"$PY"' -c "import sys, numpy, torch, numba, transformers; from importlib.metadata import version as v;
+print(sys.version.split()[0], \"numpy\", numpy.__version__, \"torch\", torch.__version__, \"numba\", numba.__version__,
+      \"numba-cuda\", v(\"numba-cuda\"), \"transformers\", transformers.__version__)
+from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda_available())"'
+    step tests "${TESTS_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_kernels_ptx.py
+    step bench "${BENCH_LIMIT:-300}" $PY benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json"
+    ;;
+  e2e)
+    gguf=${2:?give the SmolLM2-135M GGUF file}
+    export SPARSEC_CACHE=${SPARSEC_CACHE:-/tmp/sparsec-cache}
+    step e2e "${E2E_LIMIT:-240}" $PY benchmarks/gpu_e2e.py --gguf "$gguf" --json "$OUT/gpu_e2e.json"
+    if [ -n "${RECOVERY_ARGS:-}" ]; then
+      # shellcheck disable=SC2086
+      step recovery "${RECOVERY_LIMIT:-300}" $PY benchmarks/recovery.py --device cuda --out "$OUT/recovery" $RECOVERY_ARGS
+    fi
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_session.sh kernels | e2e GGUF" >&2
+    exit 2
+    ;;
+esac
