@@ -72,6 +72,10 @@ def release_memory() -> None:
         pass
 
 
+def mean(records: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in records)
+
+
 def linear_bytes(model: torch.nn.Module) -> int:
     """Bytes of the dense fp32 weights of every linear layer (lm_head included)."""
     return sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -108,7 +112,8 @@ def main() -> None:
     ap.add_argument("--plot", default=str(ROOT / "docs" / "quickstart.png"),
                     help="where to write the plot (default: docs/quickstart.png; '' for none)")
     ap.add_argument("--output", "-o", default=None,
-                    help="keep the int8 artifact of the last sparsity here (default: a temporary directory)")
+                    help="keep the int8 artifacts here, one directory per sparsity (default: a temporary "
+                         "directory, removed at the end)")
     args = ap.parse_args()
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     warnings.simplefilter("ignore")
@@ -157,14 +162,10 @@ def main() -> None:
                                     device="cpu", strategy="none", progress=True)
             history = finetune(student, teacher, train, config)
             k = max(1, min(4, len(history) // 2))
-
-            def mean(key: str, part: list) -> float:
-                return statistics.fmean(r[key] for r in part)
-
-            print(f"mean of the first / last {k} steps: loss {mean('loss', history[:k]):.3f} -> "
-                  f"{mean('loss', history[-k:]):.3f}, SquareHead {mean('squarehead', history[:k]):.3f} -> "
-                  f"{mean('squarehead', history[-k:]):.3f}; pruned weights that moved off zero: "
-                  f"{history.mask_violations}")
+            first, last = history[:k], history[-k:]
+            print(f"mean of the first / last {k} steps: loss {mean(first, 'loss'):.3f} -> {mean(last, 'loss'):.3f}, "
+                  f"SquareHead {mean(first, 'squarehead'):.3f} -> {mean(last, 'squarehead'):.3f}; pruned weights "
+                  f"that moved off zero: {history.mask_violations}")
             del student, scap, samples
             release_memory()
         with phase(f"{pct}: compile, sparse fp32 values"):
