@@ -77,6 +77,7 @@ class Row:
     floor_us: float
     host_us_per_call: float
     max_err_ratio: float
+    warps: int = 4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a subset of the grid")
     p.add_argument("--simulate", action="store_true", help="tiny shapes on numba's CUDA simulator (no GPU)")
     p.add_argument("--value-types", help="comma-separated subset, e.g. fp16,int4")
+    p.add_argument("--shapes", help="comma-separated ROWSxCOLS subset, e.g. 11008x4096,4096x11008")
+    p.add_argument("--sparsities", help="comma-separated subset, e.g. 0.75,2:4")
+    p.add_argument("--batches", help="comma-separated subset, e.g. 1,16")
+    p.add_argument("--warps", default="4",
+                   help="comma-separated rows (warps) per block to compare, 1-8 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="timed blocks per measurement (median taken)")
     p.add_argument("--block", type=int, default=40, help="launches per timed block")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -243,8 +249,9 @@ def run_gpu(args, grid) -> list[Row]:
                 packed = pack_for(pack, w, sparsity, vt, INT4_GROUP)
                 w_ref = packed.unpack().to("cuda", torch.float64)
                 n_ours = max(2, math.ceil(4 * l2 / packed.nbytes()))
-                kernels = [build_linear_kernel(packed) for _ in range(n_ours)]
-                for batch in grid["batches"]:
+                for warps, batch in [(wp, b) for wp in args.warp_list for b in grid["batches"]]:
+                    if batch == grid["batches"][0]:
+                        kernels = [build_linear_kernel(packed, warps_per_block=warps) for _ in range(n_ours)]
                     x = torch.randn(batch, cols, generator=gen, device="cuda").half()
                     err = max(check_output(torch, k(x), x, w_ref) for k in kernels[:2])
                     if not err <= 1.0:
@@ -253,7 +260,7 @@ def run_gpu(args, grid) -> list[Row]:
                         )
                         results.append(Row(rows, cols, sparsity, vt, batch, packed.bits_per_weight(),
                                            math.nan, math.nan, math.nan, math.nan, math.nan, math.nan,
-                                           math.nan, err))  # fmt: skip
+                                           math.nan, err, warps))  # fmt: skip
                         continue
                     ours, host = timer.time_us([lambda k=k, x=x: k(x) for k in kernels])
                     cublas, _ = timer.time_us(
@@ -266,7 +273,7 @@ def run_gpu(args, grid) -> list[Row]:
                         ours, cublas, cublas / ours,
                         ours_bytes / (ours * 1e-6) / 1e9 / bw,
                         (dense_bytes + io) / (cublas * 1e-6) / 1e9 / bw,
-                        ours_bytes / (bw * 1e9) * 1e6, host, err,
+                        ours_bytes / (bw * 1e9) * 1e6, host, err, warps,
                     )  # fmt: skip
                     results.append(row)
                     print_row(row)
@@ -291,8 +298,8 @@ def run_simulated(args, grid) -> list[Row]:
             for vt in grid["value_types"]:
                 packed = pack_for(pack, w, sparsity, vt, 32)
                 w_ref = packed.unpack().double()
-                kernel = build_linear_kernel(packed)
-                for batch in grid["batches"]:
+                for warps, batch in [(wp, b) for wp in args.warp_list for b in grid["batches"]]:
+                    kernel = build_linear_kernel(packed, warps_per_block=warps)
                     x = torch.randn(batch, cols, generator=gen).half()
                     t0 = time.perf_counter()
                     y = kernel(x)
@@ -302,7 +309,7 @@ def run_simulated(args, grid) -> list[Row]:
                     torch.nn.functional.linear(x.float(), w)
                     dense = (time.perf_counter() - t0) * 1e6
                     row = Row(rows, cols, sparsity, vt, batch, packed.bits_per_weight(), ours, dense,
-                              dense / ours, math.nan, math.nan, math.nan, ours, err)  # fmt: skip
+                              dense / ours, math.nan, math.nan, math.nan, ours, err, warps)  # fmt: skip
                     results.append(row)
                     print_row(row)
                     if not err <= 1.0:
@@ -314,7 +321,7 @@ def run_simulated(args, grid) -> list[Row]:
 
 HEADER = (
     f"{'shape':>12} {'sparse':>6} {'vtype':>5} {'batch':>5} {'bits/w':>6} {'ours us':>9} {'cuBLAS us':>9} "
-    f"{'speedup':>7} {'ours BW':>7} {'cuBLAS BW':>9} {'floor us':>8} {'host us':>8} {'err':>6}"
+    f"{'speedup':>7} {'ours BW':>7} {'cuBLAS BW':>9} {'floor us':>8} {'host us':>8} {'err':>6} {'warps':>5}"
 )
 
 
@@ -326,7 +333,8 @@ def print_row(r: Row) -> None:
         f"{f'{r.rows}x{r.cols}':>12} {str(r.sparsity):>6} {r.value_type:>5} {r.batch:5d} "
         f"{r.bits_per_weight:6.2f} "
         f"{r.ours_us:9.2f} {r.cublas_us:9.2f} {r.speedup:7.2f} {pct(r.ours_bw_frac):>7} "
-        f"{pct(r.cublas_bw_frac):>9} {r.floor_us:8.2f} {r.host_us_per_call:8.1f} {r.max_err_ratio:6.3f}"
+        f"{pct(r.cublas_bw_frac):>9} {r.floor_us:8.2f} {r.host_us_per_call:8.1f} {r.max_err_ratio:6.3f} "
+        f"{r.warps:5d}"
     )
 
 
@@ -340,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     grid = dict(SIMULATE if args.simulate else QUICK if args.quick else FULL)
     if args.value_types:
         grid["value_types"] = args.value_types.split(",")
+    if args.shapes:
+        grid["shapes"] = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    if args.sparsities:
+        grid["sparsities"] = [s if ":" in s else float(s) for s in args.sparsities.split(",")]
+    if args.batches:
+        grid["batches"] = [int(b) for b in args.batches.split(",")]
+    args.warp_list = [int(w) for w in args.warps.split(",")]
     if args.simulate:
         print("CUDA simulator: outputs are checked, times are Python's and mean nothing about a GPU")
         print(HEADER)

@@ -2,6 +2,7 @@
 # Everything sparsec checks and times on a GPU, in as few device calls as possible.
 #
 #   bash benchmarks/gpu_session.sh kernels   # environment, CUDA kernel tests on the GPU, kernel benchmark
+#   bash benchmarks/gpu_session.sh tune      # rows per block swept on the target cases (about a minute)
 #   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager; recovery on the GPU
 #
 # Each step runs under its own time limit, so one slow or failing step still leaves the others'
@@ -38,6 +39,10 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
     step tests "${TESTS_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_kernels_ptx.py
     step bench "${BENCH_LIMIT:-300}" $PY benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json"
     ;;
+  tune)
+    step tune "${TUNE_LIMIT:-150}" $PY benchmarks/gpu_kernels.py --shapes 11008x4096,4096x11008 \
+      --sparsities 0.75 --batches 1,16 --warps 1,2,4,8 --json "$OUT/gpu_tune.json"
+    ;;
   e2e)
     gguf=${2:?give the SmolLM2-135M GGUF file}
     export SPARSEC_CACHE=${SPARSEC_CACHE:-/tmp/sparsec-cache}
@@ -48,7 +53,7 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
     fi
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh kernels | e2e GGUF" >&2
+    echo "usage: bash benchmarks/gpu_session.sh kernels | tune | e2e GGUF" >&2
     exit 2
     ;;
 esac

@@ -121,6 +121,23 @@ def test_bitmask_several_tiles_and_int8_bias() -> None:
     check(run(build_linear_kernel(packed, bias=bias), x), packed, x, bias)
 
 
+@pytest.mark.parametrize("fmt", ["bitmask", "nm"])
+@pytest.mark.parametrize("warps", [1, 3, 8])
+def test_rows_per_block_is_a_tuning_knob_that_keeps_results(fmt: str, warps: int) -> None:
+    # 10 rows: a partial last block for every block size; 2100 columns: two bitmask tiles
+    w = sparse_weight(10, 2100, 0.3, seed=warps) if fmt == "bitmask" else nm_weight(10, 2100, 2, 4, seed=warps)
+    packed = pack(w, fmt, "fp16", **({"n": 2, "m": 4} if fmt == "nm" else {}))
+    x = torch.randn(2, 2100, generator=torch.Generator().manual_seed(warps))
+    check(run(build_linear_kernel(packed, warps_per_block=warps), x), packed, x)
+
+
+def test_rows_per_block_outside_its_range_is_refused() -> None:
+    packed = pack(sparse_weight(4, 16, 0.5, seed=1), "bitmask", "fp16")
+    for bad in (0, 9, 2.0):
+        with pytest.raises(ValueError, match="warps_per_block must be an integer from 1 to 8"):
+            build_linear_kernel(packed, warps_per_block=bad)
+
+
 def test_bitmask_int4_group_straddles_tile_and_fp16_input() -> None:
     w = sparse_weight(4, 2090, 0.3, seed=5)
     packed = pack(w, "bitmask", "int4", group_size=100)

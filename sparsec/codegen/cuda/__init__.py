@@ -95,9 +95,13 @@ def cuda_available() -> tuple[bool, str]:
 
 
 def build_linear_kernel(
-    packed: PackedWeight, bias: Any = None, activation: str | None = None
+    packed: PackedWeight, bias: Any = None, activation: str | None = None, *, warps_per_block: int | None = None
 ) -> CudaLinearKernel:
     """Copy ``packed`` (and ``bias``) to the GPU and return a kernel computing ``act(x @ W^T + bias)``.
+
+    ``warps_per_block``: rows per thread block of the sparse kernels (default 4; 1 to 8, as each
+    warp keeps a 4 KiB column list in shared memory), a tuning knob that
+    ``benchmarks/gpu_kernels.py --warps`` sweeps.
 
     Raises :class:`CudaUnavailableError` when there is no usable GPU (and no simulator),
     ``ValueError``/``TypeError`` for an unsupported format, value type, activation or a bias of
@@ -108,6 +112,8 @@ def build_linear_kernel(
         raise ValueError(
             f"unknown activation {activation!r} for a CUDA linear kernel; choose None or one of {known}"
         )
+    if warps_per_block is not None and not (isinstance(warps_per_block, int) and 1 <= warps_per_block <= 8):
+        raise ValueError(f"warps_per_block must be an integer from 1 to 8, got {warps_per_block!r}")
     ok, why = cuda_available()
     if not ok:
         raise CudaUnavailableError(
@@ -116,7 +122,7 @@ def build_linear_kernel(
         )
     from sparsec.codegen.cuda import build
 
-    return build.build(packed, bias, activation)
+    return build.build(packed, bias, activation, warps_per_block)
 
 
 def __getattr__(name: str):

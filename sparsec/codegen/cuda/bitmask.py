@@ -108,10 +108,12 @@ def make_kernel(
     activation: str | None,
     has_bias: bool,
     group_size: int,
+    warps: int = WARPS_PER_BLOCK,
 ):
     """A ``@cuda.jit`` kernel specialized on its value type, ``cols``, batch bucket and epilogue.
 
-    Launch with ``grid = ceil(rows / WARPS_PER_BLOCK)``, ``block = 32 * WARPS_PER_BLOCK`` as
+    ``warps``: rows (warps) per block, a tuning knob (``benchmarks/gpu_kernels.py --warps``).
+    Launch with ``grid = ceil(rows / warps)``, ``block = 32 * warps`` as
     ``kernel[grid, block, stream](y, x, m, rows, mask, words, row_offsets, scales, bias)``:
     ``x`` float32/float16 ``[m, cols]`` (``1 <= m <= batch``), ``y`` ``[m, rows]`` of x's dtype,
     the weight arrays from :func:`prepare_arrays`, ``bias`` float32 ``[rows]`` (any float32
@@ -126,7 +128,7 @@ def make_kernel(
     idx_dtype = np.uint16 if cols <= 65536 else np.int32
     act = ACTIVATIONS[activation]
     gsize = int(group_size)
-    warps = WARPS_PER_BLOCK
+    warps = int(warps)
     tile_cols = TILE_COLS
     tile_words = TILE_WORDS
     one = np.uint64(1)
@@ -172,6 +174,7 @@ def make_kernel(
         # Loads are issued one step ahead of their use (the next tile's mask word, the next
         # 16-byte piece), so each lane keeps two loads in flight instead of waiting on each.
         zero = np.uint64(0)
+        pieces = words.shape[0] // 2
         next_word = zero
         if live and lane < nwords:
             next_word = mask[row, lane]
@@ -181,15 +184,18 @@ def make_kernel(
             next_word = zero
             if live and wi + tile_words < nwords:
                 next_word = mask[row, wi + tile_words]
+            # The tile's first pieces start where the last tile ended, known before the scan:
+            # load them now (speculatively; pieces past the tile are never used) so that their
+            # memory latency overlaps the scan and the column decode.
+            piece = start // per_piece + lane
+            lo = zero
+            hi = zero
+            if live and piece < pieces:
+                lo, hi = load_u64x2(words, piece)
             count = np.int32(cuda.popc(word))
             before, total = warp_scan(count, lane, scan_scratch[warp])
             end = start + total
-            piece = start // per_piece + lane
             last_piece = (end - 1) // per_piece if total > 0 else piece - 1
-            lo = zero
-            hi = zero
-            if piece <= last_piece:
-                lo, hi = load_u64x2(words, piece)
             seen = cols_seen[warp]
             pos = before
             col0 = wi * 64

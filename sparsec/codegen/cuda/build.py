@@ -35,16 +35,17 @@ def _bias_array(bias: Any, rows: int) -> np.ndarray | None:
     return np.ascontiguousarray(b, dtype=np.float32).copy()
 
 
-def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool) -> KernelSpec:
+def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool, warps: int | None) -> KernelSpec:
     a = packed.arrays()  # type: ignore[attr-defined]
     arrays = bitmask_kernels.prepare_arrays(
         a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
     )
     group_size = int(a.group_size) if a.value_type == "int4" else 1
-    key = ("bitmask", a.value_type, a.cols, activation, has_bias, group_size)
+    warps = warps or bitmask_kernels.WARPS_PER_BLOCK
+    key = ("bitmask", a.value_type, a.cols, activation, has_bias, group_size, warps)
 
     def make(bucket: int):
-        return bitmask_kernels.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size)
+        return bitmask_kernels.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
 
     return KernelSpec(
         format_name="bitmask",
@@ -53,8 +54,8 @@ def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool) 
         cols=a.cols,
         arrays=(arrays.mask, arrays.words, arrays.row_offsets, arrays.scales),
         make=make,
-        rows_per_block=bitmask_kernels.WARPS_PER_BLOCK,
-        threads_per_block=32 * bitmask_kernels.WARPS_PER_BLOCK,
+        rows_per_block=warps,
+        threads_per_block=32 * warps,
         buckets=BATCH_BUCKETS,
         cache_key=key,
     )
@@ -65,7 +66,7 @@ def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _nm_spec(packed: PackedWeight, activation: str | None, has_bias: bool) -> KernelSpec:
+def _nm_spec(packed: PackedWeight, activation: str | None, has_bias: bool, warps: int | None) -> KernelSpec:
     p = packed
     rows, cols, n, m, vt = p.rows, p.cols, int(p.n), int(p.m), p.value_type  # type: ignore[attr-defined]
     scales = None if p.scales is None else p.scales.detach().numpy()  # type: ignore[attr-defined]
@@ -80,10 +81,11 @@ def _nm_spec(packed: PackedWeight, activation: str | None, has_bias: bool) -> Ke
         scales,  # type: ignore[attr-defined]
     )
     group_size = int(p.group_size) if vt == "int4" else 1  # type: ignore[attr-defined]
-    key = ("nm", vt, cols, n, m, activation, has_bias, group_size)
+    warps = warps or nm_kernels.WARPS_PER_BLOCK
+    key = ("nm", vt, cols, n, m, activation, has_bias, group_size, warps)
 
     def make(bucket: int):
-        return nm_kernels.make_kernel(vt, cols, n, m, bucket, activation, has_bias, group_size)
+        return nm_kernels.make_kernel(vt, cols, n, m, bucket, activation, has_bias, group_size, warps)
 
     return KernelSpec(
         format_name="nm",
@@ -92,8 +94,8 @@ def _nm_spec(packed: PackedWeight, activation: str | None, has_bias: bool) -> Ke
         cols=cols,
         arrays=(arrays.positions, arrays.words, arrays.scales),
         make=make,
-        rows_per_block=nm_kernels.WARPS_PER_BLOCK,
-        threads_per_block=32 * nm_kernels.WARPS_PER_BLOCK,
+        rows_per_block=warps,
+        threads_per_block=32 * warps,
         buckets=BATCH_BUCKETS,
         cache_key=key,
     )
@@ -114,7 +116,8 @@ def device() -> torch.device:
     return torch.device("cuda", cuda.get_current_device().id)
 
 
-def build(packed: PackedWeight, bias: Any, activation: str | None) -> CudaLinearKernel | DenseCudaLinear:
+def build(packed: PackedWeight, bias: Any, activation: str | None,
+          warps_per_block: int | None = None) -> CudaLinearKernel | DenseCudaLinear:
     """See :func:`sparsec.codegen.cuda.build_linear_kernel` (which checks the GPU first)."""
     if not isinstance(packed, PackedWeight):
         raise TypeError(
@@ -130,5 +133,5 @@ def build(packed: PackedWeight, bias: Any, activation: str | None) -> CudaLinear
         known = ", ".join(sorted(KERNEL_FORMATS))
         raise ValueError(f"no CUDA kernel for format {name!r}; the CUDA target supports: {known}")
     bias_host = _bias_array(bias, packed.rows)
-    spec = make_spec(packed, activation, bias_host is not None)
+    spec = make_spec(packed, activation, bias_host is not None, warps_per_block)
     return CudaLinearKernel(spec, bias_host, activation)

@@ -67,6 +67,7 @@ def make_kernel(
     activation: str | None,
     has_bias: bool,
     group_size: int,
+    warps: int = WARPS_PER_BLOCK,
 ):
     """A ``@cuda.jit`` N:M kernel specialized on value type, shape, N:M, batch bucket and epilogue.
 
@@ -84,7 +85,7 @@ def make_kernel(
     group_n, group_m = n, m
     act = ACTIVATIONS[activation]
     gsize = int(group_size)
-    warps = WARPS_PER_BLOCK
+    warps = int(warps)  # rows (warps) per block, a tuning knob
     dequant = make_dequant(value_type)
 
     @cuda.jit(device=True, inline=True)
