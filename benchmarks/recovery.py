@@ -39,7 +39,11 @@ LOSSES = {
     "ce": {"ce": 1.0, "kl": 0.0, "squarehead": 0.0},
     "ce+kl": {"ce": 1.0, "kl": 1.0, "squarehead": 0.0},
     "ce+squarehead": {"ce": 1.0, "kl": 0.0, "squarehead": 1.0},
+    # each token normalized by its own teacher energy (see sparsec/finetune/losses.py)
+    "ce+squarehead-token": {"ce": 1.0, "kl": 0.0, "squarehead": 1.0, "squarehead_normalize": "token"},
 }
+#: losses run unless --losses says otherwise (the paper's three)
+DEFAULT_LOSSES = ("ce", "ce+kl", "ce+squarehead")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsities", default="0.5,0.7,0.8", help="comma-separated (default: %(default)s)")
     p.add_argument("--pruner", default="sparsegpt", choices=("sparsegpt", "magnitude"),
                    help="one-shot pruning pass (default: %(default)s)")
-    p.add_argument("--losses", default=",".join(LOSSES),
+    p.add_argument("--losses", default=",".join(DEFAULT_LOSSES),
                    help="comma-separated subset of " + ", ".join(LOSSES))
     p.add_argument("--seq-len", type=int, default=128,
                    help="training and evaluation window (default: %(default)s)")
@@ -81,6 +85,8 @@ def settings_key(args: argparse.Namespace, only: tuple[str, ...] | None = None) 
     are never mixed up."""
     skip = ("out", "threads", "sparsities", "losses")
     keep = {k: v for k, v in vars(args).items() if k not in skip and (only is None or k in only)}
+    if keep.get("device") == "cpu":  # runs from before the option existed were all on the CPU
+        del keep["device"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 

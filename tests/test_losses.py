@@ -42,6 +42,27 @@ def test_squarehead_sums_layers_and_skips_padding():
     assert squarehead([hs1, hs2], [ht1, ht1], mask).item() == pytest.approx(2.0 + 8.0, rel=1e-5)
 
 
+def test_squarehead_per_token_normalization_by_hand():
+    # Same tokens as above plus a padded one: token 1 errors 0, 4 over teacher energy (1 + 0) / 2;
+    # token 2 errors 4, 4 over (1 + 4) / 2. Per token: 2 / 0.5 = 4 and 4 / 2.5 = 1.6; mean 2.8.
+    hs = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, -100.0]]])
+    ht = torch.tensor([[[1.0, 0.0], [1.0, 2.0], [-50.0, 70.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    got = squarehead([hs], [ht], mask, normalize="token").item()
+    assert got == pytest.approx((2.0 / 0.5 + 4.0 / 2.5) / 2, rel=1e-5)
+    # one huge-energy token (an attention sink) no longer sets the scale of the others' errors
+    sink = torch.tensor([[[1000.0, 0.0], [1.0, 2.0]]])
+    student = sink + torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+    per_layer = squarehead([student], [sink]).item()
+    per_token = squarehead([student], [sink], normalize="token").item()
+    assert per_layer == pytest.approx(0.5 / ((1e6 + 5) / 4 + SQUAREHEAD_EPS), rel=1e-5)
+    assert per_token == pytest.approx((0.0 + 1.0 / 2.5) / 2, rel=1e-5)
+    with pytest.raises(LossInputError, match="unknown SquareHead normalization 'row'"):
+        squarehead([hs], [ht], normalize="row")
+    with pytest.raises(LossInputError, match="squarehead_normalize must be layer or token"):
+        LossWeights(squarehead_normalize="row")
+
+
 def test_squarehead_matches_float64_reference_with_padding():
     g = torch.Generator().manual_seed(0)
     hs = [torch.randn(3, 7, 16, generator=g) for _ in range(4)]

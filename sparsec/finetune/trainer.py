@@ -84,6 +84,8 @@ class FinetuneConfig:
     kl: float = 0.0
     squarehead: float = 1.0
     temperature: float = 1.0
+    #: SquareHead's normalizer: ``layer`` (the authors') or ``token`` (see ``losses.py``)
+    squarehead_normalize: str = "layer"
     bf16: bool = False
     seed: int = 0
     #: comma-separated glob patterns of the blocks to tap (empty: found automatically)
@@ -130,7 +132,8 @@ class FinetuneConfig:
         self.loss_weights()
 
     def loss_weights(self) -> LossWeights:
-        return LossWeights(ce=self.ce, kl=self.kl, squarehead=self.squarehead, temperature=self.temperature)
+        return LossWeights(ce=self.ce, kl=self.kl, squarehead=self.squarehead, temperature=self.temperature,
+                           squarehead_normalize=self.squarehead_normalize)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
