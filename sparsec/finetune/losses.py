@@ -19,7 +19,7 @@ selects the positions, and ``None`` means every position is real.
   of its residual stream. ``normalize="token"`` (not the authors') normalizes each real token
   by its own teacher energy instead, ``mean_t[ mean_d((h_s - h_t)**2) / (mean_d(h_t**2) + eps) ]``:
   in Llama-family models the first token of every window carries "massive activations" (in
-  SmolLM2-135M one channel near 26,700 from block 10 on, 92-99.6% of a 128-token window's sum of
+  SmolLM2-135M one channel near 26,700 from block 11 on, 92-99.6% of a 128-token window's sum of
   squares), so the per-layer normalizer is that one token's energy and the other tokens' errors
   are divided by a number about a hundred times their own.
 
