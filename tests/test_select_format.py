@@ -160,3 +160,24 @@ def test_bad_options_are_refused():
             (PassOptionError, PipelineSyntaxError), match=message.replace("(", r"\(").replace(")", r"\)")
         ):
             Pipeline.parse(text)
+
+
+def test_cuda_model_agrees_with_the_measured_h200_run():
+    """The CUDA constants are fitted to benchmarks/results/gpu/gpu_kernels.json: on those very
+    configurations the model must pick the faster of sparsec's bitmask kernel and cuBLAS fp16."""
+    import json
+    from pathlib import Path
+
+    runs = json.loads((Path(__file__).parent.parent / "benchmarks/results/gpu/gpu_kernels.json").read_text())
+    cuda = default_models()["cuda"]
+    agree = total = 0
+    for r in runs:
+        if r["sparsity"] == "2:4":
+            continue
+        stats = WeightStats(r["rows"], r["cols"], int(r["rows"] * r["cols"] * (1 - float(r["sparsity"]))))
+        ours = estimate_seconds("bitmask", r["value_type"], stats, r["batch"], cuda,
+                                format_nbytes("bitmask", r["value_type"], stats))
+        dense = estimate_seconds("dense", "fp16", stats, r["batch"], cuda, format_nbytes("dense", "fp16", stats))
+        total += 1
+        agree += (ours < dense) == (r["ours_us"] < r["cublas_us"])
+    assert total == 144 and agree >= 0.95 * total, (agree, total)

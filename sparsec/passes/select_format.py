@@ -21,8 +21,8 @@ Formats with no kernel on the target (``TargetModel.kernels``) are only consider
 
 Records ``meta.FORMAT = {"format", "value_type", "options", "estimates", "bytes", "reason"}``
 (estimates in seconds, per candidate label such as ``"bitmask"``, ``"nm 2:4"``, ``"block 4x4"``).
-The CPU constants were fitted to the CPU kernels on this project's machine (see
-:class:`TargetModel`), the CUDA ones are unfitted guesses; override any of them with
+The CPU constants were fitted to the CPU kernels on this project's machine, the CUDA ones to a
+benchmark run on an H200 (see :class:`TargetModel`); override any of them with
 ``ctx.config["cost_model"] = {"cpu": {"bandwidth": 30e9, ...}}``.
 
 Example: ``prune-magnitude{sparsity=0.7},quantize{bits=8},select-format{target=cpu,batch=1},lower-cpu``.
@@ -62,18 +62,30 @@ class TargetModel:
       every format from ``dense_min_batch`` tokens on (the CPU kernels hand prefill to torch):
       an fp32 matmul on the unpacked weight, ``rows * cols * B / dense_fma_per_cycle``, moving
       the fp32 weight;
-    * bitmask: ``chunks * (chunk_cycles + B * chunk_cycles_per_token) + nnz * B * nnz_cycles_per_token``
-      with ``chunks = rows * ceil(cols / chunk_lanes)``;
+    * dense where the target has its own dense path (``"dense" in kernels``: cuBLAS on CUDA):
+      ``rows * cols * (B / dense_fma_per_cycle + dequant_cycles)``, moving ``dense_bits`` per
+      weight (what that path keeps on the device) or, without ``dense_bits``, the stored bytes;
+    * bitmask: ``chunks * (chunk_cycles + B * chunk_cycles_per_token) + nnz * (nnz_cycles + B *
+      nnz_cycles_per_token)`` with ``chunks = rows * ceil(cols / chunk_lanes)``;
     * csr: ``nnz * (csr_cycles + B * csr_cycles_per_token)``;
     * nm: ``stored values * (nm_cycles + B * nm_cycles_per_token)``;
     * block (if a kernel existed): ``kept blocks * block_cycles + kept weights * B / dense_fma_per_cycle``.
+
+    Per-value constants are a number, or a dict by value type where the kernels differ.
 
     CPU defaults were fitted to ``benchmarks/select_format_check.py`` on this project's 2-core
     AVX-512 machine (4096x4096, 50/75/90%, bf16 and int8, batch 1 and 16, CPU-time clock, while
     other jobs loaded it), where the dense path is torch's fp32 ``F.linear``: it reached 37 GB/s
     at batch 1 and 4.3 FMAs a cycle at batch 16. fp32 bitmask chunks are assumed to cost what bf16
-    ones did and int4 what int8 did (not measured). CUDA defaults are rough H100 figures (3 TB/s,
-    132 SMs x 4 schedulers at 1.7 GHz) and have not been checked against measurements.
+    ones did and int4 what int8 did (not measured).
+
+    CUDA defaults were fitted (non-negative least squares) to the 180 configurations of
+    ``benchmarks/results/gpu/gpu_kernels.json``, an H200 (132 SMs x 4 schedulers at 1.98 GHz):
+    the bitmask terms per value type to within a median 24-29% (worst 57%) of the measured time,
+    N:M to 2-10% (worst 23%); cuBLAS fp16 read weights at 2.4-3.8 TB/s at batch 1, so bandwidth
+    is 3.3 TB/s. Those kernels are bound by work per kept value, so the fitted model keeps most
+    layers dense on CUDA until they get faster. fp32 and bf16 values are assumed to cost what
+    fp16 did (not measured).
     """
 
     bandwidth: float  # bytes / s
@@ -83,19 +95,27 @@ class TargetModel:
     chunk_lanes: dict[str, int]  # columns per bitmask chunk, by value type
     chunk_cycles: dict[str, float]
     chunk_cycles_per_token: dict[str, float]
-    nnz_cycles_per_token: float
+    nnz_cycles_per_token: float | dict[str, float]
     dequant_cycles: dict[str, float]  # a dense kernel's extra cycles per weight to widen values
     csr_cycles: float
     csr_cycles_per_token: float
-    nm_cycles: float
-    nm_cycles_per_token: float
+    nm_cycles: float | dict[str, float]
+    nm_cycles_per_token: float | dict[str, float]
     block_cycles: float
     kernels: tuple[str, ...] = ("bitmask", "csr", "nm")
     #: from this batch on every kernel hands the call to torch's dense matmul (CPU prefill); None: never
     dense_min_batch: int | None = None
+    nnz_cycles: float | dict[str, float] = 0.0
+    #: bits per weight the target's own dense path moves, by value type (None: the stored bytes)
+    dense_bits: dict[str, int] | None = None
 
     def cycles_to_seconds(self, cycles: float) -> float:
         return cycles / (self.threads * self.clock)
+
+    @staticmethod
+    def per_value_type(constant: float | dict[str, float], value_type: str) -> float:
+        """A per-value constant for ``value_type`` (a plain number applies to every type)."""
+        return constant[value_type] if isinstance(constant, dict) else constant
 
 
 def default_models(threads: int | None = None) -> dict[str, TargetModel]:
@@ -121,21 +141,24 @@ def default_models(threads: int | None = None) -> dict[str, TargetModel]:
             dense_min_batch=65,  # sparsec.codegen.cpu's CpuLinearKernel.DENSE_MIN_BATCH
         ),
         "cuda": TargetModel(
-            bandwidth=3.0e12,
+            bandwidth=3.3e12,
             threads=132 * 4,
-            clock=1.7e9,
-            dense_fma_per_cycle=32.0,
-            chunk_lanes={vt: 32 for vt in VALUE_TYPES},
-            chunk_cycles={vt: 6.0 for vt in VALUE_TYPES},
-            chunk_cycles_per_token={vt: 0.5 for vt in VALUE_TYPES},
-            nnz_cycles_per_token=1 / 32,
-            dequant_cycles={"fp32": 0.0, "bf16": 0.0, "fp16": 0.0, "int8": 1 / 32, "int4": 1 / 16},
+            clock=1.98e9,
+            dense_fma_per_cycle=64.0,  # cuBLAS at batch <= 16 stays memory-bound
+            chunk_lanes={vt: 64 for vt in VALUE_TYPES},  # one 64-bit mask word a lane
+            chunk_cycles={**{vt: 0.0 for vt in floats}, "int8": 0.0, "int4": 49.1},
+            chunk_cycles_per_token={**{vt: 17.6 for vt in floats}, "int8": 31.8, "int4": 38.4},
+            nnz_cycles={**{vt: 0.78 for vt in floats}, "int8": 0.51, "int4": 0.0},
+            nnz_cycles_per_token={**{vt: 0.73 for vt in floats}, "int8": 0.91, "int4": 1.81},
+            dequant_cycles={vt: 0.0 for vt in VALUE_TYPES},
             csr_cycles=1.0,
             csr_cycles_per_token=1.0,
-            nm_cycles=1 / 16,
-            nm_cycles_per_token=1 / 32,
+            nm_cycles={**{vt: 0.67 for vt in floats}, "int8": 0.53, "int4": 0.0},
+            nm_cycles_per_token={**{vt: 0.98 for vt in floats}, "int8": 1.84, "int4": 4.0},
             block_cycles=1.0,
-            kernels=("bitmask", "nm"),
+            kernels=("bitmask", "nm", "dense"),
+            # sparsec.codegen.cuda.dense keeps fp16/bf16 as they are and integer values widened to fp32
+            dense_bits={"fp32": 32, "bf16": 16, "fp16": 16, "int8": 32, "int4": 32},
         ),
     }
 
@@ -229,16 +252,21 @@ def estimate_seconds(
         moved = 4 * rows * cols + 4 * batch * (rows + cols)
         cycles = rows * cols * batch / model.dense_fma_per_cycle
     elif fmt == "dense":
+        if model.dense_bits is not None:
+            moved = rows * cols * model.dense_bits[value_type] // 8 + 4 * batch * (rows + cols)
         cycles = rows * cols * (batch / model.dense_fma_per_cycle + model.dequant_cycles[value_type])
     elif fmt == "bitmask":
         chunks = rows * math.ceil(cols / model.chunk_lanes[value_type])
         per_chunk = model.chunk_cycles[value_type] + batch * model.chunk_cycles_per_token[value_type]
-        cycles = chunks * per_chunk + nnz * batch * model.nnz_cycles_per_token
+        per_value = (model.per_value_type(model.nnz_cycles, value_type)
+                     + batch * model.per_value_type(model.nnz_cycles_per_token, value_type))
+        cycles = chunks * per_chunk + nnz * per_value
     elif fmt == "csr":
         cycles = nnz * (model.csr_cycles + batch * model.csr_cycles_per_token)
     elif fmt == "nm":
         stored = rows * (cols // options["m"]) * options["n"]
-        cycles = stored * (model.nm_cycles + batch * model.nm_cycles_per_token)
+        cycles = stored * (model.per_value_type(model.nm_cycles, value_type)
+                           + batch * model.per_value_type(model.nm_cycles_per_token, value_type))
     elif fmt == "block":
         br, bc = options["block_shape"]
         kept = stats.blocks[(br, bc)]
