@@ -10,6 +10,15 @@ last-level cache (read from /sys), so weights come from memory, as in a real mod
 
     python benchmarks/cpu_kernels.py            # the full table (several minutes)
     python benchmarks/cpu_kernels.py --quick    # 4096x4096, 0/50/75%, bf16/int8, batch 1/16
+
+Optional DeepSparse column: given a Python with DeepSparse installed (``--deepsparse-python`` or
+``$SPARSEC_DEEPSPARSE_PYTHON``; set up as in ``benchmarks/deepsparse_worker.py``), the same masked
+weight is timed by DeepSparse (fp32, its value type) in a subprocess for the sparsities of
+``--deepsparse-sparsities``, printed as ``deepsparse<n>c`` rows (``<n>`` cores) and, with
+``--clock cpu``, ``deepsparse1c/<n>`` rows (its 1-core time divided by ``n``: perfect scaling,
+free of the spin-waiting that the CPU clock charges to its threads on a shared machine), and
+every row of that shape, sparsity and batch gets ``x_ds``: the faster DeepSparse time over the
+row's time. Without DeepSparse the column is ``-`` and the header says it was skipped.
 """
 
 from __future__ import annotations
@@ -18,11 +27,14 @@ import argparse
 import ctypes
 import gc
 import glob
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 # Idle torch (OpenMP) threads must sleep, not spin, or the CPU-time clock below charges their
@@ -167,6 +179,18 @@ def main() -> None:
         default="wall",
         help="wall time, or process CPU time / threads (for a machine shared with other jobs)",
     )
+    ap.add_argument(
+        "--deepsparse-python",
+        default=os.environ.get("SPARSEC_DEEPSPARSE_PYTHON"),
+        metavar="PATH",
+        help="a Python with deepsparse installed (default $SPARSEC_DEEPSPARSE_PYTHON, else this "
+        "Python if it can import deepsparse): adds DeepSparse rows and the x_ds column",
+    )
+    ap.add_argument(
+        "--deepsparse-sparsities",
+        default="0.75",
+        help="sparsities (of those run) that DeepSparse is timed at (default 0.75)",
+    )
     args = ap.parse_args()
     if args.summarize:
         with open(args.summarize) as f:
@@ -190,12 +214,9 @@ def main() -> None:
     torch.set_num_threads(cpu_threads())
     llc = last_level_cache_bytes()
     feats = host_features()
-    try:
-        import deepsparse  # noqa: F401
-
-        have_deepsparse = True
-    except ImportError:
-        have_deepsparse = False
+    ds_python, ds_note = find_deepsparse(args.deepsparse_python)
+    ds_sparsities = {round(float(v), 6) for v in args.deepsparse_sparsities.split(",")}
+    ds_cores = [cpu_threads()] + ([1] if args.clock == "cpu" and cpu_threads() > 1 else [])
     bw = measure_read_bandwidth()
     print(
         f"# CPU: {platform.processor() or feats.name} ({feats.name}), threads {cpu_threads()}, "
@@ -207,11 +228,16 @@ def main() -> None:
         "over rotating layer copies"
     )
     print(f"# measured read bandwidth: {bw:.1f} GB/s (streaming sum, {cpu_threads()} threads)")
-    ds = "importable (column not implemented)" if have_deepsparse else "not installed, skipped"
-    print(f"# DeepSparse: {ds}")
+    if ds_python:
+        print(
+            f"# DeepSparse: {ds_note} ({ds_python}); fp32, cores {','.join(map(str, ds_cores))}, "
+            f"sparsities {sorted(ds_sparsities)}; x_ds = DeepSparse time / row time"
+        )
+    else:
+        print(f"# DeepSparse: skipped ({ds_note}); x_ds column '-'")
     header = (
         f"{'shape':>11} {'sp%':>4} {'values':>6} {'B':>3} {'kernel':>14} {'time_us':>9} "
-        f"{'GB/s':>6} {'%bw':>5} {'x_dense32':>9} {'bits/w':>6}"
+        f"{'GB/s':>6} {'%bw':>5} {'x_dense32':>9} {'bits/w':>6} {'x_ds':>6}"
     )
     print(header)
     gen = torch.Generator().manual_seed(0)
@@ -249,6 +275,9 @@ def main() -> None:
                     _row(rows, cols, sp, "fp32", B, "torch-csr", t, csr_bytes, bw, base32[B])
                 del csrs, csr
                 release_memory()
+            if ds_python and round(sp, 6) in ds_sparsities:
+                run_deepsparse(ds_python, w, batches, ds_cores, llc, bw, base32, sp, args)
+                release_memory()
             for vt in values:
                 p = pack(w, "bitmask", vt)
                 nb = p.nbytes()
@@ -269,17 +298,81 @@ def main() -> None:
     summarize(RESULTS)
 
 
+def find_deepsparse(path: str | None) -> tuple[str | None, str]:
+    """(Python to run ``deepsparse_worker.py`` with, version or why not): ``path`` if given,
+    else this Python if it can import deepsparse."""
+    if not path:
+        try:
+            import deepsparse
+
+            return sys.executable, f"deepsparse {deepsparse.__version__}"
+        except ImportError:
+            return None, "not installed; give --deepsparse-python, see benchmarks/deepsparse_worker.py"
+    try:
+        r = subprocess.run(
+            [path, "-c", "import deepsparse; print(deepsparse.__version__)"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "NM_DISABLE_ANALYTICS": "1"},
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{path}: {e}"
+    if r.returncode != 0:
+        return None, f"{path} cannot import deepsparse: {r.stderr.strip().splitlines()[-1:]}"
+    return path, f"deepsparse {r.stdout.strip().splitlines()[-1]}"
+
+
+def run_deepsparse(python, w, batches, cores, llc, bw, base32, sp, args) -> None:
+    """Time ``w`` (float32, masked) in DeepSparse at every batch in a subprocess; print its rows
+    and record its best time per batch for the x_ds column. Its bytes are counted as 4 per kept
+    weight (its compressed format's metadata is not known here)."""
+    rows, cols = w.shape
+    nnz = int(torch.count_nonzero(w))
+    layers = max(4, copies_needed(nnz * 4, llc))
+    with tempfile.TemporaryDirectory(prefix="sparsec-ds-") as tmp:
+        path = os.path.join(tmp, "w.npy")
+        np.save(path, w.numpy().astype(np.float32))
+        cmd = [
+            python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepsparse_worker.py"),
+            "--weight", path, "--layers", str(layers), "--batches", ",".join(map(str, batches)),
+            "--cores", ",".join(map(str, cores)),
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NM_DISABLE_ANALYTICS": "1"})
+    if r.returncode != 0:
+        print(f"# DeepSparse failed at {rows}x{cols} {sp:.0%} (exit {r.returncode}): "
+              + " | ".join(r.stderr.strip().splitlines()[-3:]), flush=True)
+        return
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    n = cpu_threads()
+    for res in out["results"]:
+        B, c = res["batch"], res["cores"]
+        if CLOCK == "cpu":
+            t = res["cpu_s_per_layer"]
+        else:
+            t = res["wall_min_s_per_layer" if STAT is min else "wall_s_per_layer"]
+        name = f"deepsparse{c}c"
+        if c == 1 and n > 1:
+            t, name = t / n, f"deepsparse1c/{n}"
+        key = (rows, cols, round(sp * 100), B)
+        DS_BEST[key] = min(DS_BEST.get(key, t), t)
+        _row(rows, cols, sp, "fp32", B, name, t, nnz * 4, bw, base32[B])
+    print(f"# DeepSparse {rows}x{cols} {sp:.0%}: {layers} layers, compile "
+          + ", ".join(f"B{res['batch']}/{res['cores']}c {res['compile_s']}s" for res in out["results"]), flush=True)
+
+
 def _row(rows, cols, sp, vt, B, kernel, t, nbytes, bw, t_dense32) -> None:
     gbs = nbytes / t / 1e9
+    ds = DS_BEST.get((rows, cols, round(sp * 100), B))
     line = (
         f"{rows:>5}x{cols:<5} {round(sp * 100):>4} {vt:>6} {B:>3} {kernel:>14} {t * 1e6:>9.1f} "
-        f"{gbs:>6.1f} {100 * gbs / bw:>5.0f} {t_dense32 / t:>9.2f} {8 * nbytes / (rows * cols):>6.2f}"
+        f"{gbs:>6.1f} {100 * gbs / bw:>5.0f} {t_dense32 / t:>9.2f} {8 * nbytes / (rows * cols):>6.2f} "
+        + (f"{ds / t:>6.2f}" if ds else f"{'-':>6}")
     )
     RESULTS.append(line)
     print(line, flush=True)
 
 
 RESULTS: list[str] = []
+#: (rows, cols, sparsity %, batch) -> the fastest DeepSparse time per layer measured in this run
+DS_BEST: dict[tuple[int, int, int, int], float] = {}
 
 #: (description, sparsity %, value type, batch, column, threshold): the project's CPU targets.
 TARGETS = [
@@ -290,18 +383,26 @@ TARGETS = [
     ("batch 16, 75%, int4: >= 2.5x torch dense fp32", 75, "int4", 16, "x_dense32", 2.5),
     ("batch 16, 75%, fp32: >= 2.5x torch dense fp32", 75, "fp32", 16, "x_dense32", 2.5),
     ("batch 1, 50%, int8: >= 4x torch dense fp32", 50, "int8", 1, "x_dense32", 4.0),
+    ("batch 1, 75%, bf16: >= 1.5x faster than DeepSparse", 75, "bf16", 1, "x_ds", 1.5),
+    ("batch 1, 75%, int8: >= 2x faster than DeepSparse", 75, "int8", 1, "x_ds", 2.0),
 ]
 
 
 def summarize(lines: list[str]) -> None:
     """Print each target with the measured value per shape (from table lines of this script)."""
-    cols = {"%bw": 7, "x_dense32": 8}
+    cols = {"%bw": 7, "x_dense32": 8, "x_ds": 10}
     print("\n# targets (sparsec kernels; measured / target, per shape)")
     for desc, sp, vt, B, col, want in TARGETS:
         got = []
         for line in lines:
             f = line.split()
-            if len(f) == 10 and f[4].startswith("sparsec") and (int(f[1]), f[2], int(f[3])) == (sp, vt, B):
+            if (
+                len(f) in (10, 11)
+                and f[4].startswith("sparsec")
+                and (int(f[1]), f[2], int(f[3])) == (sp, vt, B)
+                and len(f) > cols[col]
+                and f[cols[col]] != "-"
+            ):
                 got.append(f"{f[0]}: {float(f[cols[col]]):g}")
         if got:
             worst = min(float(g.split(": ")[1]) for g in got)
