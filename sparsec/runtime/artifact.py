@@ -185,9 +185,11 @@ def _write_kernels(target: str, layers: list[dict], folder: Path) -> dict[str, A
     if target != "cpu":
         return {"mode": "compile", "reason": f"{target} kernels are compiled again when the artifact loads"}
     from sparsec.codegen.cpu.aot import export_kernels
+    from sparsec.codegen.cpu.kernel import kernel_modules
 
-    # generated kernel modules are named "<format>_<value type>" (see sparsec.codegen.cpu.codecache)
-    keys = {f"{x['format']}_{x['value_type']}" for x in layers}
+    # generated kernel modules are named "<format>_<value type>" (see sparsec.codegen.cpu.codecache);
+    # a dense int8 layer also calls the bitmask int8 kernels
+    keys = set().union(*(kernel_modules(x["format"], x["value_type"]) for x in layers))
     section = export_kernels(folder, generated_keys=keys)
     return {"mode": "object", **section}
 

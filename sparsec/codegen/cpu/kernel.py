@@ -16,6 +16,11 @@ docs/performance.md):
   is denser than ``DENSE_ABOVE_DENSITY`` allows at that batch: then (prefill of a half-dense
   layer, say) ``torch.nn.functional.linear`` on the dense weight, unpacked once on first use and
   cached on the kernel.
+
+A ``dense`` int8 layer (an int8 ``lm_head``, say) runs the bitmask ``rows`` kernel at batch 1-4
+on its own bytes, seen as a bitmask whose every bit is set (the values of a dense int8 weight
+are already in the bitmask format's row-major order): a quarter of the bytes of the fp32 weight
+torch would read. Larger batches run through torch on the unpacked weight.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from sparsec.codegen.cpu.host import host_features
 from sparsec.codegen.cpu.partition import balanced_row_split
 from sparsec.codegen.cpu.threads import cpu_threads, run_ranges
 from sparsec.formats.base import PackedWeight
+from sparsec.formats.bitmask import BitmaskArrays
 
 ACTIVATIONS = bm_kernels.ACTIVATIONS
 
@@ -132,6 +138,8 @@ class CpuLinearKernel:
     def _bind(self):
         if self.format_name == "bitmask":
             return _BitmaskImpl(self)
+        if self.format_name == "dense" and self.value_type == "int8" and self.vector:
+            return _BitmaskImpl(self, dense_as_bitmask(self.packed))
         from sparsec.codegen.cpu import loops
 
         impl = loops.bind(self)
@@ -198,12 +206,39 @@ class _DenseImpl:
         return self.k.dense_linear(x2)
 
 
-class _BitmaskImpl:
-    """The bitmask kernels (:mod:`.bitmask`) bound to one layer's arrays."""
+def kernel_modules(format_name: str, value_type: str) -> set[str]:
+    """Keys of the generated kernel modules (:mod:`.codecache`) a layer of this format and value
+    type calls: what an artifact must carry for it to load without compiling."""
+    keys = {f"{format_name}_{value_type}"}
+    if format_name == "dense" and value_type == "int8":
+        keys.add("bitmask_int8")
+    return keys
 
-    def __init__(self, k: CpuLinearKernel) -> None:
+
+def dense_as_bitmask(packed: PackedWeight) -> BitmaskArrays:
+    """A dense int8 weight as bitmask arrays with every bit set, sharing its values (no copy)."""
+    rows, cols = packed.shape
+    nbytes = (cols + 7) // 8
+    bitmask = np.full((rows, nbytes), 0xFF, dtype=np.uint8)
+    if cols % 8 and nbytes:
+        bitmask[:, -1] = (1 << (cols % 8)) - 1  # bits past the last column are zero
+    return BitmaskArrays(
+        rows=rows, cols=cols, value_type="int8", group_size=int(packed.group_size),
+        values=packed.weight.contiguous().numpy().reshape(-1), bitmask=bitmask,
+        row_offsets=np.arange(rows, dtype=np.int64) * cols,
+        scales=np.ascontiguousarray(packed.scales.numpy()),
+    )  # fmt: skip
+
+
+class _BitmaskImpl:
+    """The bitmask kernels (:mod:`.bitmask`) bound to one layer's arrays: the packed bitmask
+    weight's, or ``dense`` (from :func:`dense_as_bitmask`) for an int8 dense weight, which runs
+    only the batch 1-4 ``rows`` kernels (larger batches go to torch: it is 100% dense)."""
+
+    def __init__(self, k: CpuLinearKernel, dense: BitmaskArrays | None = None) -> None:
         self.k = k
-        a = k.packed.arrays()
+        self.dense = dense is not None
+        a = k.packed.arrays() if dense is None else dense
         self.vt = a.value_type
         # numba has no float16 arrays: fp16 (like bf16) travels as its 16-bit patterns
         self.vals = a.values.view(np.uint16) if a.values.dtype == np.float16 else a.values
@@ -221,15 +256,16 @@ class _BitmaskImpl:
         else:
             self.scales = np.ascontiguousarray(a.scales, dtype=np.float32).reshape(-1)
             self.gstride = a.scales.shape[1] if a.scales.ndim == 2 else 1
-        counts = np.diff(np.append(self.offs, int(k.packed.nnz)))
-        self.density = int(k.packed.nnz) / max(1, rows * cols)
+        nnz = int(k.packed.nnz) if dense is None else rows * cols
+        counts = np.diff(np.append(self.offs, nnz))
+        self.density = nnz / max(1, rows * cols)
         # Small layers run on one thread: waking a second costs more than it saves.
         threads = k.threads if rows * cols >= k.PARALLEL_MIN_WEIGHTS else 1
         self.parts = balanced_row_split(counts, min(threads, max(rows, 1)), row_cost=cols / 64.0)
         self.vector = k.vector
         # int4 scales must be uniform over a chunk: 64 columns (rows kernel), 16 (nnz kernel).
         self.rows_ok = self.vector and (self.vt != "int4" or self.gs % 64 == 0)
-        self.nnz_ok = self.vector and (self.vt != "int4" or self.gs % 16 == 0)
+        self.nnz_ok = self.vector and (self.vt != "int4" or self.gs % 16 == 0) and dense is None
         _, self.W, _, _, _, self.g = bm_kernels._VT[self.vt]
         self.nfull_w, rem = divmod(cols, self.W)
         self.tail_w = (rem + 7) // 8
@@ -244,8 +280,10 @@ class _BitmaskImpl:
         self._i1 = np.zeros(1, dtype=np.int64)
         self._u1 = np.zeros(1, dtype=np.uint8)
         self._d1 = np.zeros(1, dtype=np.float64)
-        if self.vt == "int8":
+        if self.vt == "int8" and dense is not None:
             # sum of each row's int8 levels: the int8 kernel's fixed-point x carries a 2^23 offset
+            self.rowsum = k.packed.weight.sum(dim=1, dtype=torch.int64).numpy()
+        elif self.vt == "int8":
             cs = np.concatenate([[0], np.cumsum(self.vals.astype(np.int64))])
             self.rowsum = cs[self.offs + counts] - cs[self.offs]
         else:
@@ -288,6 +326,8 @@ class _BitmaskImpl:
         return "portable", 0
 
     def describe(self) -> str:
+        if self.dense:
+            return "bitmask-avx512 rows (all bits set) at batch <= 4, torch-dense above"
         return f"bitmask-{'avx512' if self.vector else 'portable'}"
 
     def use_dense(self, B: int) -> bool:
