@@ -8,7 +8,9 @@ For each model and batch size, every variant decodes the same prompt through the
 * ``sparsec S% V``: every linear layer but ``lm_head`` pruned to sparsity ``S`` by magnitude,
   packed as ``bitmask`` with ``V`` values (bf16, int8) and run by sparsec's CPU kernels, hosted in
   the eager model as :func:`sparsec.runtime.generate.build_decoder` does; ``lm_head`` stays dense
-  fp32 (as ``sparsec.compile`` leaves it).
+  fp32 (as ``sparsec.compile`` leaves it by default) or, with ``--lm-head int8``, also rows
+  ``sparsec S% V + int8 lm_head``: ``lm_head`` dense int8 per output channel (what
+  ``quantize{bits=8,ignore=*embed*}`` gives), run by the int8 kernel.
 
 The sparse variants are built by packing each layer directly (``prune by magnitude -> pack ->
 build_linear_kernel``, what ``lower-cpu`` does), not by ``sparsec.compile``: capturing and
@@ -104,7 +106,9 @@ class SparseSwap:
     hosted as :func:`sparsec.runtime.generate.host_kernels` hosts a compiled model's: q/k/v and
     gate/up run as one kernel each."""
 
-    def __init__(self, model: nn.Module, sparsity: float, value_type: str) -> None:
+    def __init__(self, model: nn.Module, sparsity: float, value_type: str, lm_head: str = "fp32") -> None:
+        """``lm_head``: ``fp32`` leaves it as it is; ``int8`` packs it dense int8 (per output channel,
+        not pruned) for the int8 kernel. ``nbytes`` counts the other layers, ``head_nbytes`` lm_head."""
         self.model = model
         kernels = []
         self.nbytes = 0
@@ -114,6 +118,15 @@ class SparseSwap:
             bias = None if lin.bias is None else lin.bias.detach()
             kernels.append(KernelLinear(name, packed, build_linear_kernel(packed, bias=bias), bias, None, "cpu"))
             self.nbytes += packed.nbytes()
+        head = model.get_output_embeddings()
+        self.head_nbytes = head.weight.numel() * 4
+        if lm_head == "int8":
+            packed = pack(head.weight.detach(), "dense", "int8")
+            bias = None if head.bias is None else head.bias.detach()
+            kernels.append(KernelLinear("lm_head", packed, build_linear_kernel(packed, bias=bias), bias, None, "cpu"))
+            self.head_nbytes = packed.nbytes()
+        elif lm_head != "fp32":
+            raise SystemExit(f"--lm-head: unknown {lm_head!r}; use fp32 or int8")
         swapped = host_kernels(model, kernels, fuse=True)
         self.installed = [(parent, attr, getattr(parent, attr)) for parent, attr, _ in swapped]
         self.originals = swapped
@@ -216,12 +229,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         swaps = {}
         for s in args.sparsity:
             for vt in args.values:
-                t0 = time.perf_counter()
-                swap = SparseSwap(model, s, vt)
-                print(f"packed {name} at {s:.0%} {vt} in {time.perf_counter() - t0:.0f}s "
-                      f"({swap.nbytes / 1e6:.0f} MB vs {dense_bytes / 1e6:.0f} MB dense fp32)", flush=True)
-                swaps[f"sparsec {s:.0%} {vt}"] = swap
-                variants.append((f"sparsec {s:.0%} {vt}", swap, swap.nbytes))
+                for head in args.lm_head:
+                    label = f"sparsec {s:.0%} {vt}" + ("" if head == "fp32" else f" + {head} lm_head")
+                    t0 = time.perf_counter()
+                    swap = SparseSwap(model, s, vt, head)
+                    print(f"packed {name} at {s:.0%} {vt}, lm_head {head}, in {time.perf_counter() - t0:.0f}s "
+                          f"({swap.nbytes / 1e6:.0f} MB vs {dense_bytes / 1e6:.0f} MB dense fp32; "
+                          f"lm_head {swap.head_nbytes / 1e6:.0f} MB)", flush=True)
+                    swaps[label] = swap
+                    variants.append((label, swap, swap.nbytes))
         gen = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size
         compiled_info = None
@@ -288,6 +304,9 @@ def main() -> None:
                    help="sparsities of the sparsec rows ('' for none)")
     p.add_argument("--values", default="bf16,int8", type=lambda s: s.split(","))
     p.add_argument("--dense", default="fp32,bf16", type=lambda s: s.split(","))
+    p.add_argument("--lm-head", default="fp32", type=lambda s: s.split(","),
+                   help="lm_head of the sparsec rows: fp32 (dense, as is), int8 (dense int8 per output "
+                        "channel, run by the int8 kernel), or both: fp32,int8")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
