@@ -31,8 +31,10 @@ Example: ``prune-magnitude{sparsity=0.7},quantize{bits=8},select-format{target=c
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -47,6 +49,9 @@ from sparsec.passes.base import Pass, PassContext, PassOptionError, PassResult, 
 from sparsec.passes.masks import current_mask, select_layers
 
 CANDIDATE_FORMATS = ("dense", "bitmask", "csr", "nm", "block")
+#: what ``sparsec tune`` writes and ``select-format{cost_model=FILE}`` reads
+COST_MODEL_FORMAT = "sparsec-cost-model"
+COST_MODEL_VERSION = 1
 NM_PATTERNS = ((1, 4), (2, 4), (1, 8), (2, 8), (4, 8), (1, 2))
 BLOCK_SHAPES = ((1, 16), (4, 4), (16, 1))
 _VALUE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4}
@@ -116,6 +121,27 @@ class TargetModel:
     def per_value_type(constant: float | dict[str, float], value_type: str) -> float:
         """A per-value constant for ``value_type`` (a plain number applies to every type)."""
         return constant[value_type] if isinstance(constant, dict) else constant
+
+
+def load_cost_model(path: str) -> dict[str, dict]:
+    """``{target: {constant: value}}`` from a cost-model file (``sparsec tune``); a missing,
+    damaged or foreign file raises :class:`PassOptionError` saying which and what to do."""
+    p = Path(path).expanduser()
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise PassOptionError(f"select-format: cost model file {p} does not exist; write one with "
+                              f"`sparsec tune -o {p}`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PassOptionError(f"select-format: cost model file {p} is not readable JSON ({e}); "
+                              f"rerun `sparsec tune`") from None
+    if not isinstance(doc, dict) or doc.get("format") != COST_MODEL_FORMAT:
+        raise PassOptionError(f"select-format: {p} is not a sparsec cost model "
+                              f"(no \"format\": \"{COST_MODEL_FORMAT}\")")
+    if doc.get("version") != COST_MODEL_VERSION:
+        raise PassOptionError(f"select-format: {p} is cost model version {doc.get('version')!r}; this sparsec "
+                              f"reads version {COST_MODEL_VERSION}: rerun `sparsec tune`")
+    return {t: dict(doc[t]) for t in ("cpu", "cuda") if isinstance(doc.get(t), dict)}
 
 
 def default_models(threads: int | None = None) -> dict[str, TargetModel]:
@@ -303,7 +329,8 @@ class SelectFormat(Pass):
     ``formats`` the candidates, comma-separated (empty = those with a kernel on the target);
     ``margin`` how much cheaper than dense (fraction) a sparse format must be to be chosen;
     ``group`` int4 group size when quantize did not set one; ``layers`` / ``ignore`` as in the
-    pruning passes (default: every linear layer).
+    pruning passes (default: every linear layer); ``cost_model`` a file of constants fitted to
+    this machine by ``sparsec tune`` (empty = the defaults of :func:`default_models`).
     """
 
     name: ClassVar[str] = "select-format"
@@ -316,6 +343,7 @@ class SelectFormat(Pass):
     group: int = 128
     layers: str = ""
     ignore: str = ""
+    cost_model: str = ""
 
     def validate(self) -> None:
         if self.target not in ("auto", "cpu", "cuda"):
@@ -345,11 +373,14 @@ class SelectFormat(Pass):
         if target not in models:
             raise PassOptionError(f"{self.name}: no cost model for target {target!r}; use cpu or cuda")
         model = models[target]
-        overrides = (ctx.config.get("cost_model") or {}).get(target, {})
+        # the tuned file first, then what the context says on top of it
+        from_file = load_cost_model(self.cost_model).get(target, {}) if self.cost_model else {}
+        overrides = {**from_file, **((ctx.config.get("cost_model") or {}).get(target, {}))}
         known = {f.name for f in dataclasses.fields(TargetModel)}
         bad = sorted(set(overrides) - known)
         if bad:
-            raise PassOptionError(f"{self.name}: unknown cost_model setting(s) {bad}; known: {sorted(known)}")
+            where = f" (in {self.cost_model})" if set(bad) & set(from_file) else ""
+            raise PassOptionError(f"{self.name}: unknown cost_model setting(s) {bad}{where}; known: {sorted(known)}")
         return target, dataclasses.replace(model, **overrides)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
