@@ -11,7 +11,7 @@ from sparsec.formats.values import dequantize, quantize
 from sparsec.ir import meta
 from sparsec.ir.layers import find_layers
 from sparsec.passes import PassContext, PassError, PassOptionError, Pipeline, PipelineSyntaxError, run_passes
-from sparsec.passes.quantize import gptq_quantize, rtn_quantize
+from sparsec.passes.quantize import gptq_quantize, rtn_quantize, search_scales
 
 
 def _run(gm, text, ctx=None):
@@ -115,11 +115,73 @@ def test_gptq_with_identity_hessian_is_rtn():
         torch.testing.assert_close(w_g, w_r, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("scales", ["max", "mse"])
+def test_gptq_actorder_with_identity_hessian_is_rtn(scales):
+    """Visiting the columns in another order changes nothing when no error can be compensated."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(12, 40, generator=g) * (torch.rand(12, 40, generator=g) > 0.3)
+    keep = w != 0
+    for bits, group in ((8, 128), (4, 8)):
+        for actorder in (False, True):
+            w_g, s_g, _ = gptq_quantize(w, torch.eye(40, dtype=torch.float64) * 2, keep, bits, group,
+                                        percdamp=0.0, actorder=actorder, scales=scales)
+            w_r, s_r = rtn_quantize(w, keep, bits, group, scales)
+            torch.testing.assert_close(s_g, s_r, rtol=0, atol=0)
+            torch.testing.assert_close(w_g, w_r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 16), (4, 7), (8, 128)])
+def test_searched_scales_round_better_and_pack_exactly(bits, group):
+    g = torch.Generator().manual_seed(7)
+    # heavy tails, as in real weights: the largest value sets a coarse grid for all the others
+    w = torch.randn(24, 50, generator=g) ** 3 * (torch.rand(24, 50, generator=g) > 0.4)
+    keep = w != 0
+    w_max, _ = rtn_quantize(w, keep, bits, group)
+    w_mse, s_mse = rtn_quantize(w, keep, bits, group, "mse")
+    assert torch.equal(s_mse, search_scales(w, bits, group))
+    assert torch.all(w_mse[~keep] == 0)
+    err_mse, err_max = (w_mse - w).pow(2).sum(), (w_max - w).pow(2).sum()
+    # int8's 255 levels leave little to gain by clipping; int4's 16 gain clearly
+    assert err_mse <= err_max if bits == 8 else err_mse < err_max, (err_mse, err_max)
+    vt = "int8" if bits == 8 else "int4"
+    options = {"group_size": group} if bits == 4 else {}
+    assert torch.equal(pack(w_mse, "bitmask", vt, scales=s_mse, **options).unpack(), w_mse)
+    # an all-zero group or row gets scale 0 and stays zero
+    w[3] = 0
+    assert torch.all(search_scales(w, bits, group)[3] == 0)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 16), (8, 128)])
+def test_gptq_actorder_and_searched_scales_beat_rtn(bits, group):
+    model, gm, x, calibration = _gptq_graph()
+    ctx = PassContext(calibration=calibration)
+    gm = _run(gm, "prune-magnitude{sparsity=0.5}")
+    ((node, layer),) = _layers(gm)
+    w0 = layer.matrix(gm).detach().clone()
+    keep = w0 != 0
+    w_rtn, _ = rtn_quantize(w0, keep, bits, group)
+    gm = _run(gm, f"quantize{{bits={bits},group={group},method=gptq,actorder=true,scales=mse}}", ctx)
+    w_gptq = layer.matrix(gm).detach()
+    assert torch.all(w_gptq[~keep] == 0)
+    ref = x.double() @ w0.double().T
+    err_rtn = ((x.double() @ w_rtn.double().T) - ref).pow(2).mean().item()
+    err_gptq = ((x.double() @ w_gptq.double().T) - ref).pow(2).mean().item()
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+    rec = node.meta[meta.QUANT]
+    vt = "int8" if bits == 8 else "int4"
+    options = {"group_size": group} if bits == 4 else {}
+    assert torch.equal(pack(w_gptq, "dense", vt, scales=rec["scales"], **options).unpack(), w_gptq)
+    gm = _run(gm, "lower-cpu")
+    assert torch.equal(node.meta[meta.PACKED].unpack(), w_gptq)
+
+
 def test_quantize_errors_are_clear_and_leave_weights_alone(mlp):
     for text, message in [
         ("quantize{bits=3}", "bits must be 8 or 4"),
         ("quantize{method=awq}", "method must be one of rtn, gptq"),
         ("quantize{group=0}", "group must be a positive"),
+        ("quantize{scales=minmax}", "scales must be one of max, mse"),
+        ("quantize{actorder=true}", "actorder applies to method=gptq only"),
     ]:
         with pytest.raises((PassOptionError, PipelineSyntaxError), match=message):
             Pipeline.parse(text)
@@ -138,6 +200,8 @@ def test_quantize_errors_are_clear_and_leave_weights_alone(mlp):
 
 def test_pipeline_text_round_trips():
     text = "quantize{bits=4,group=64,method=gptq}"
+    assert Pipeline.parse(text).to_text() == text
+    text = "quantize{bits=4,group=64,method=gptq,actorder=true,scales=mse}"
     assert Pipeline.parse(text).to_text() == text
     assert Pipeline.parse(Pipeline.parse(text).to_text(full=True)) == Pipeline.parse(text)
 

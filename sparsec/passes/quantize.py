@@ -20,6 +20,17 @@ Methods:
   weight before any update; an int4 group's scale from the group's values when its first column
   is reached, as in the reference implementation. Needs ``ctx.calibration``; the calibration
   engine and damped inverse Hessian are the ones SparseGPT uses (``passes/calibration.py``).
+  ``actorder=true`` visits the columns in order of decreasing Hessian diagonal (the inputs with the
+  most energy first, while the most columns are left to absorb their error), with every scale
+  fixed from the weight before any update (the reference's "static groups"), so int4 groups stay
+  contiguous column ranges as the formats store them.
+
+Scales: ``scales=max`` (default) is the grid above; ``scales=mse`` searches, per row (int8) or per
+group (int4), a scale between 0.5 and 1 times the largest one that minimizes the squared rounding
+error of the kept values (weighted by the Hessian diagonal under GPTQ), clipping the few largest
+values in exchange for a finer grid; for int4 its largest scale also uses level -8 when the
+group's extreme is negative. Levels and the dequantized value ``q * scale`` keep their meaning, so
+the formats store either choice unchanged.
 
 Example pipeline: ``prune-sparsegpt{sparsity=0.5},quantize{bits=4,group=128,method=gptq},lower-cpu``.
 All or nothing: on any error every chosen weight is restored bit for bit.
@@ -47,22 +58,72 @@ from sparsec.passes.calibration import (
 from sparsec.passes.masks import DEFAULT_IGNORE, check_finite, current_mask, select_layers
 
 METHODS = ("rtn", "gptq")
+SCALES = ("max", "mse")
 
 
 def value_type_for(bits: int) -> str:
     return {8: "int8", 4: "int4"}[bits]
 
 
+def search_scales(
+    w: torch.Tensor,
+    bits: int,
+    group: int,
+    importance: torch.Tensor | None = None,
+    steps: int = 20,
+    min_ratio: float = 0.5,
+) -> torch.Tensor:
+    """Scales minimizing the squared rounding error of ``w`` (float32: ``[rows]`` for int8,
+    ``[rows, ceil(cols/group)]`` for int4).
+
+    Tries ``steps`` scales evenly from the largest useful one (int8 ``max|w|/127``; int4
+    ``max(max w / 7, -min w / 8)``) down to ``min_ratio`` times it and keeps, per row or group, the
+    one with the least ``sum importance_j (q_j - w_j)^2``; ``importance`` (``[cols]``, e.g. the
+    Hessian diagonal) defaults to ones. Zeros in ``w`` (pruned weights) quantize to zero at any
+    scale, so they never pull the choice. An all-zero row or group gets scale 0.
+    """
+    w = w.detach().to(torch.float64)
+    rows, cols = w.shape
+    if bits == 8:
+        g, groups, qmin, qmax = max(cols, 1), 1, -127, 127
+    else:
+        g, groups, qmin, qmax = group, -(-cols // group), -8, 7
+    padded = torch.nn.functional.pad(w, (0, groups * g - cols)).view(rows, groups, g)
+    imp = torch.ones(cols, dtype=torch.float64) if importance is None else importance.detach().to(torch.float64)
+    imp = torch.nn.functional.pad(imp, (0, groups * g - cols)).view(1, groups, g)
+    if bits == 8:
+        top = padded.abs().amax(-1) / qmax
+    else:
+        top = torch.maximum(padded.amax(-1).clamp_min(0) / qmax, (-padded.amin(-1)).clamp_min(0) / -qmin)
+    best_scale, best_err = top.clone(), None
+    for k in range(steps):
+        scale = (top * (1 - (1 - min_ratio) * k / max(steps - 1, 1))).to(torch.float32).to(torch.float64)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+        q = torch.clamp(torch.round(padded / safe), qmin, qmax) * scale.unsqueeze(-1)
+        err = ((q - padded) ** 2 * imp).sum(-1)
+        if best_err is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale = torch.where(better, scale, best_scale)
+            best_err = torch.where(better, err, best_err)
+    out = best_scale.to(torch.float32)
+    return out[:, 0].contiguous() if bits == 8 else out.contiguous()
+
+
 def rtn_quantize(
-    w: torch.Tensor, keep: torch.Tensor | None, bits: int, group: int
+    w: torch.Tensor, keep: torch.Tensor | None, bits: int, group: int, scales: str = "max"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest: ``(w_hat float32 [out, in], scales)``; zero wherever ``keep`` is False."""
+    """Round-to-nearest: ``(w_hat float32 [out, in], scales)``; zero wherever ``keep`` is False.
+
+    ``scales="mse"`` picks each scale by :func:`search_scales` instead of the largest value."""
     w = w.detach().to(torch.float32)
     if keep is not None:
         w = w * keep
     vt = value_type_for(bits)
-    levels, scales = quantize(w, vt, group)
-    return dequantize(levels, vt, scales, group), scales
+    chosen = search_scales(w, bits, group) if scales == "mse" else None
+    levels, out_scales = quantize(w, vt, group, scales=chosen)
+    return dequantize(levels, vt, out_scales, group), out_scales
 
 
 def gptq_quantize(
@@ -74,28 +135,46 @@ def gptq_quantize(
     blocksize: int = 128,
     percdamp: float = 0.01,
     layer: str = "",
+    actorder: bool = False,
+    scales: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """GPTQ on one ``[out, in]`` weight: ``(w_hat float32, scales float32, loss)``.
 
     ``loss`` is GPTQ's proxy ``sum err^2 / 2`` of the scaled column errors. ``keep`` (bool, True =
-    kept) pins pruned weights at zero. Works in float64; ``w`` and ``hessian`` are not modified.
+    kept) pins pruned weights at zero. ``actorder`` visits columns by decreasing Hessian diagonal
+    with every scale fixed up front; ``scales="mse"`` chooses scales by :func:`search_scales`
+    (weighted by the Hessian diagonal). Works in float64; ``w`` and ``hessian`` are not modified.
     """
     rows, cols = w.shape
     W = w.detach().to(torch.float64).clone()
     K = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.to(torch.bool)
     W = W * K
-    U, _dead = inverse_hessian_cholesky(hessian, percdamp, layer)
     qmax = 127 if bits == 8 else 7
     qmin = -127 if bits == 8 else -8
     groups = -(-cols // group)
-    if bits == 8:
-        scales = W.abs().amax(dim=1, keepdim=True) / qmax if cols else torch.zeros(rows, 1, dtype=torch.float64)
+    diag = torch.diagonal(hessian).detach().to(torch.float64)
+    static = bits == 8 or actorder
+    if scales == "mse" and static:
+        fixed = search_scales(W, bits, group, diag).to(torch.float64)
+        scale_of = fixed.unsqueeze(1) if bits == 8 else fixed
+    elif bits == 8:
+        fixed = W.abs().amax(dim=1, keepdim=True) / qmax if cols else torch.zeros(rows, 1, dtype=torch.float64)
         # The float32 scale is what gets stored: round with it, not with the float64 one.
-        scales = scales.to(torch.float32).to(torch.float64)
+        scale_of = fixed.to(torch.float32).to(torch.float64)
+    elif actorder:
+        _, fixed = quantize(W.to(torch.float32), "int4", group)
+        scale_of = fixed.to(torch.float64)
     else:
-        scales = torch.zeros(rows, groups, dtype=torch.float64)
+        scale_of = torch.zeros(rows, groups, dtype=torch.float64)
         # Whole groups per batch, so a group's current values all sit in the batch being updated.
         blocksize = max(1, round(blocksize / group)) * group
+    # Column c of the permuted problem is original column order[c]; its scale column is col_group.
+    order = torch.argsort(diag, descending=True, stable=True) if actorder else torch.arange(cols)
+    col_group = torch.zeros(cols, dtype=torch.long) if bits == 8 else order // group
+    if actorder:
+        W, K = W[:, order], K[:, order]
+        hessian = hessian.detach()[order][:, order]
+    U, _dead = inverse_hessian_cholesky(hessian, percdamp, layer)
     Q = torch.zeros_like(W)
     loss = torch.zeros(rows, dtype=torch.float64)
     for i1 in range(0, cols, blocksize):
@@ -105,13 +184,16 @@ def gptq_quantize(
         H1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
-            if bits == 4 and c % group == 0:
+            if not static and c % group == 0:
                 # The group's current values, every earlier column's error already spread in.
                 g_end = min(c + group, cols)
                 vals = W1[:, i : g_end - i1] * K[:, c:g_end]
-                s = vals.abs().amax(dim=1) / qmax
-                scales[:, c // group] = s.to(torch.float32).to(torch.float64)
-            s = scales[:, 0] if bits == 8 else scales[:, c // group]
+                if scales == "mse":
+                    s = search_scales(vals, 4, group, diag[c:g_end])[:, 0].to(torch.float64)
+                else:
+                    s = (vals.abs().amax(dim=1) / qmax).to(torch.float32).to(torch.float64)
+                scale_of[:, c // group] = s
+            s = scale_of[:, col_group[c]]
             safe = torch.where(s > 0, s, torch.ones_like(s))
             wcol = W1[:, i]
             q = torch.clamp(torch.round(wcol / safe), qmin, qmax) * s
@@ -123,9 +205,11 @@ def gptq_quantize(
             W1[:, i:] -= err.unsqueeze(1) * H1[i, i:].unsqueeze(0)
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    if actorder:
+        Q = Q[:, torch.argsort(order)]
     if not torch.isfinite(Q).all():
         raise CalibrationError(f"layer {layer!r}: GPTQ produced NaN/Inf weights; increase percdamp")
-    out_scales = scales[:, 0] if bits == 8 else scales
+    out_scales = scale_of[:, 0] if bits == 8 else scale_of
     return Q.to(torch.float32), out_scales.to(torch.float32).contiguous(), float(loss.sum())
 
 
@@ -135,8 +219,10 @@ class Quantize(Pass):
     """Quantize linear weights to int8 (per output channel) or int4 (per group); pruned weights stay exactly zero.
 
     Options: ``bits`` 8|4; ``group`` input columns per int4 scale; ``method`` rtn|gptq;
-    ``blocksize`` and ``percdamp`` (GPTQ's lazy-update width and Hessian damping); ``layers`` /
-    ``ignore`` glob patterns as in the pruning passes (default: skip lm_head and embeddings).
+    ``blocksize`` and ``percdamp`` (GPTQ's lazy-update width and Hessian damping); ``actorder``
+    (GPTQ: columns by decreasing Hessian diagonal, scales fixed up front); ``scales`` max|mse (the
+    largest value's scale, or a searched one that clips); ``layers`` / ``ignore`` glob patterns as
+    in the pruning passes (default: skip lm_head and embeddings).
     """
 
     name: ClassVar[str] = "quantize"
@@ -145,6 +231,8 @@ class Quantize(Pass):
     method: str = "rtn"
     blocksize: int = 128
     percdamp: float = 0.01
+    actorder: bool = False
+    scales: str = "max"
     layers: str = ""
     ignore: str = DEFAULT_IGNORE
 
@@ -155,6 +243,10 @@ class Quantize(Pass):
             raise PassOptionError(f"{self.name}: group must be a positive number of columns, got {self.group}")
         if self.method not in METHODS:
             raise PassOptionError(f"{self.name}: method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.scales not in SCALES:
+            raise PassOptionError(f"{self.name}: scales must be one of {', '.join(SCALES)}, got {self.scales!r}")
+        if self.actorder and self.method != "gptq":
+            raise PassOptionError(f"{self.name}: actorder applies to method=gptq only")
         if self.blocksize < 1:
             raise PassOptionError(f"{self.name}: blocksize must be positive, got {self.blocksize}")
         if not (0.0 <= self.percdamp < 1e3):
@@ -184,7 +276,9 @@ class Quantize(Pass):
         try:
             if self.method == "rtn":
                 for layer in chosen:
-                    w_hat, scales = rtn_quantize(layer.matrix(gm), current_mask(gm, layer), self.bits, self.group)
+                    w_hat, scales = rtn_quantize(
+                        layer.matrix(gm), current_mask(gm, layer), self.bits, self.group, self.scales
+                    )
                     store(layer, w_hat, scales, {})
             else:
 
@@ -198,6 +292,8 @@ class Quantize(Pass):
                         self.blocksize,
                         self.percdamp,
                         layer.name,
+                        self.actorder,
+                        self.scales,
                     )
                     store(layer, w_hat, scales, {"loss": loss, "calibration_samples": len(calibration)})
 
