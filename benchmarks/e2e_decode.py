@@ -24,6 +24,14 @@ region waits for all its threads, and a thread that is not scheduled holds up th
 threads on a loaded 2-core machine, 0.08 ms with one). ``--torch-threads 1`` avoids it; the
 sparsec kernels run on their own pool either way.
 
+With ``--llamacpp-python PY`` (a Python that has ``llama-cpp-python`` installed, kept out of
+sparsec's environment), SmolLM2's batch-1 table gets rows for llama.cpp decoding the bundled
+GGUF (Q4_1, dense, the weights every other row starts from): ``benchmarks/llamacpp_worker.py``
+runs in that Python, loads the model once and is asked for one generation per round, with the
+same prompt ids and number of new tokens as the other rows, greedy, decode steps only timed, by
+the same clock (the CPU time of the worker process with ``--clock cpu``). Its thread counts come
+from ``--llamacpp-threads``. Without the option these rows are skipped with a note.
+
 Rows are measured in rounds (each round times every variant once) and the median per variant is
 reported, so a burst of load from other processes on a shared machine hits all variants alike;
 compare ratios within one run. Timings: wall clock, decode only (the first token, from the
@@ -32,6 +40,8 @@ prefill, is excluded).
     python benchmarks/e2e_decode.py --quick                      # SmolLM2, batch 1, few tokens
     python benchmarks/e2e_decode.py                              # SmolLM2 + 1B, batch 1 and 8
     python benchmarks/e2e_decode.py --models smollm2-135m --compiled
+    python benchmarks/e2e_decode.py --models smollm2-135m --batches 1 --torch-threads 1 --clock cpu \
+        --llamacpp-python ~/.cache/sparsec/llamacpp-venv/bin/python --llamacpp-threads 2,1
 """
 
 from __future__ import annotations
@@ -179,12 +189,59 @@ class _Zeros(nn.Module):
 CLOCK = "wall"
 
 
-def decode_rate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+def decode_rate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
     """Decode tokens/s (batch rows x decode steps / decode seconds) of one generation, by the wall
-    clock or (``--clock cpu``) by the CPU time of this process."""
+    clock and by the CPU time of the process that decoded (this one, or llama.cpp's worker), and
+    the greedy tokens of the first row."""
+    if isinstance(model, LlamaCpp):
+        r = model.decode(ids, new_tokens)
+        return r["tokens_per_second"], r["cpu_tokens_per_second"], r["tokens"]
     r = generate(model, None, ids, new_tokens, stop_at_eos=False)
-    seconds = r.decode_cpu_seconds if CLOCK == "cpu" else r.decode_seconds
-    return r.batch * (r.steps - 1) / seconds
+    steps = r.batch * (r.steps - 1)
+    return steps / r.decode_seconds, steps / r.decode_cpu_seconds, r.tokens[0].tolist()
+
+
+class LlamaCpp:
+    """``benchmarks/llamacpp_worker.py --serve`` in another Python: llama.cpp decoding a GGUF file,
+    one generation per :meth:`decode`, timed inside the worker exactly as :func:`generate` times
+    sparsec (decode steps only, greedy, wall and process CPU time)."""
+
+    def __init__(self, python: str, model: str, threads: int, prefill: str) -> None:
+        worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp_worker.py")
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="llamacpp_", suffix=".log", delete=False)
+        cmd = [os.path.expanduser(python), worker, "--serve", "--model", model, "--threads", str(threads),
+               "--prefill", prefill]
+        # OMP_WAIT_POLICY is set for torch in this process: llama.cpp gets its own default
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, bufsize=1, env=env)
+        self.info = self._read()
+        self.threads = threads
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.seek(0)
+            tail = "\n".join(self.log.read().strip().splitlines()[-15:])
+            raise SystemExit(f"llama.cpp worker exited ({self.proc.returncode}); its log ({self.log.name}) "
+                             f"ends with:\n{tail}")
+        return json.loads(line)
+
+    def decode(self, ids: torch.Tensor, new_tokens: int) -> dict:
+        if ids.shape[0] != 1:
+            raise ValueError("the llama.cpp rows are batch 1")
+        self.proc.stdin.write(json.dumps({"ids": ids[0].tolist(), "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        self.log.close()
+        os.unlink(self.log.name)
 
 
 def compiled_variant(model: nn.Module, ids: torch.Tensor, pipeline: str) -> tuple[nn.Module, dict]:
@@ -248,30 +305,68 @@ def run(args: argparse.Namespace) -> list[dict]:
             print("compiled:", json.dumps(compiled_info), flush=True)
             variants.append(("sparsec 50% bf16 (compiled, loaded)", loaded,
                              sum(k.packed.nbytes() for k in loaded.kernels() if k.layer != "lm_head")))
+        llama = []
+        if args.llamacpp_python and name == "smollm2-135m" and 1 in args.batches:
+            from sparsec.models import bundled_gguf
+
+            gguf = args.llamacpp_model or str(bundled_gguf(name))
+            for threads in args.llamacpp_threads:
+                w = LlamaCpp(args.llamacpp_python, gguf, threads, args.llamacpp_prefill)
+                if w.info["n_vocab"] != vocab:
+                    raise SystemExit(f"{gguf} has {w.info['n_vocab']} tokens, {name} {vocab}: not the same model")
+                print(f"llama.cpp: llama-cpp-python {w.info['llama_cpp_python']}, {threads} threads, "
+                      f"{w.info['system_info']}", flush=True)
+                label = f"llama.cpp Q4_1 dense, {threads} thread" + ("s" if threads > 1 else "")
+                llama.append((label, w, os.path.getsize(gguf)))
+        elif name == "smollm2-135m":
+            print("llama.cpp: not measured (give --llamacpp-python PY, a Python with llama-cpp-python "
+                  "installed, and include batch 1; see benchmarks/llamacpp_worker.py)", flush=True)
         for batch in args.batches:
             ids = torch.randint(0, vocab, (batch, args.prompt_tokens), generator=gen)
-            times: dict[str, list[float]] = {v[0]: [] for v in variants}
-            for _label, v, _ in variants:  # warm-up (first calls allocate the cache and scratch)
+            batch_variants = variants + (llama if batch == 1 else [])
+            wall: dict[str, list[float]] = {v[0]: [] for v in batch_variants}
+            cpu: dict[str, list[float]] = {v[0]: [] for v in batch_variants}
+            for _label, v, _ in batch_variants:  # warm-up (first calls allocate the cache and scratch)
                 with (v if isinstance(v, (SparseSwap, NoLinearWork)) else _Same(v)) as m:
                     decode_rate(m, ids, 4)
+            loads = [os.getloadavg()[0]]
+            tokens: dict[str, list[int]] = {}
             for _ in range(args.rounds):
-                for label, v, _ in variants:
+                for label, v, _ in batch_variants:
                     with (v if isinstance(v, (SparseSwap, NoLinearWork)) else _Same(v)) as m:
-                        times[label].append(decode_rate(m, ids, args.new_tokens))
+                        w_rate, c_rate, tokens[label] = decode_rate(m, ids, args.new_tokens)
+                    wall[label].append(w_rate)
+                    cpu[label].append(c_rate)
+                loads.append(os.getloadavg()[0])
+            times = cpu if CLOCK == "cpu" else wall
             base = statistics.median(times["torch fp32"])
-            for label, _, nbytes in variants:
+            for label, _, nbytes in batch_variants:
                 rate = statistics.median(times[label])
                 row = dict(model=name, batch=batch, variant=label, linear_mb=nbytes / 1e6,
                            tokens_per_second=rate, ms_per_step=1e3 * batch / rate, vs_fp32=rate / base,
-                           spread=(min(times[label]), max(times[label])))
+                           spread=(min(times[label]), max(times[label])),
+                           wall_tokens_per_second=statistics.median(wall[label]),
+                           cpu_tokens_per_second=statistics.median(cpu[label]),
+                           load_average=(min(loads), max(loads)),
+                           same_tokens_as_fp32=_common_prefix(tokens[label], tokens["torch fp32"]))
                 rows.append(row)
                 print(f"{name:<13} B={batch:<2} {label:<36} {nbytes / 1e6:8.0f} MB  {rate:8.1f} tok/s  "
                       f"{1e3 * batch / rate:8.1f} ms/step  {rate / base:5.2f}x", flush=True)
         if compiled_info is not None:
             rows.append(dict(model=name, compiled=compiled_info))
+        for _, w, _ in llama:
+            w.close()
         del variants, swaps, model
         gc.collect()
     return rows
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many greedy tokens two generations share before they first differ."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class _Same:
@@ -293,6 +388,27 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['linear_mb']:.0f} | "
                      f"{r['tokens_per_second']:.1f} | {r['ms_per_step']:.1f} | {r['vs_fp32']:.2f}x |")
+    return "\n".join(lines)
+
+
+def llamacpp_table(rows: list[dict]) -> str:
+    """Batch-1 SmolLM2 rows against llama.cpp's first row, by both clocks."""
+    rows = [r for r in rows if r.get("batch") == 1 and r.get("model") == "smollm2-135m"]
+    ref = next((r for r in rows if r["variant"].startswith("llama.cpp")), None)
+    if ref is None:
+        return ""
+    lines = [f"| variant | weights (MB) | decode tokens/s, {CLOCK} clock | ms per step | vs {ref['variant']} "
+             f"| tokens/s, wall | tokens/s, CPU time | greedy tokens as torch fp32 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['linear_mb']:.0f} | {r['tokens_per_second']:.1f} | "
+                     f"{r['ms_per_step']:.1f} | {r['tokens_per_second'] / ref['tokens_per_second']:.2f}x | "
+                     f"{r['wall_tokens_per_second']:.1f} | {r['cpu_tokens_per_second']:.1f} | "
+                     f"first {r['same_tokens_as_fp32']} |")
+    lo, hi = min(r["load_average"][0] for r in rows), max(r["load_average"][1] for r in rows)
+    lines.append(f"\n(load average {lo:.1f}-{hi:.1f} during these rounds; llama.cpp's weights: the whole GGUF, "
+                 "embeddings and output included; the others: linear layers but lm_head; last column: how many of "
+                 "the greedy tokens equal torch fp32's before the first difference)")
     return "\n".join(lines)
 
 
@@ -321,6 +437,14 @@ def main() -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time; cpu: CPU time of this process (all its threads), which "
                         "leaves out time spent waiting for cores other processes hold")
+    p.add_argument("--llamacpp-python", metavar="PY",
+                   help="a Python with llama-cpp-python installed: adds llama.cpp rows to SmolLM2 batch 1")
+    p.add_argument("--llamacpp-model", metavar="GGUF", help="GGUF for those rows (default: the bundled SmolLM2)")
+    p.add_argument("--llamacpp-threads", default="2", type=lambda s: [int(x) for x in s.split(",")],
+                   help="llama.cpp thread counts, one row each (default 2)")
+    p.add_argument("--llamacpp-prefill", choices=("token", "batch"), default="token",
+                   help="how the worker evaluates the prompt (not timed): one token at a time (default; "
+                        "llama-cpp-python 0.3.36 crashed on multi-token batches on this CPU) or one batch")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     if args.torch_threads:
@@ -336,6 +460,10 @@ def main() -> None:
     rows = run(args)
     print()
     print(table(rows))
+    side = llamacpp_table(rows)
+    if side:
+        print("\nagainst llama.cpp (SmolLM2-135M, batch 1):\n")
+        print(side)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
