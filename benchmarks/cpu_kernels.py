@@ -276,7 +276,7 @@ def main() -> None:
                 del csrs, csr
                 release_memory()
             if ds_python and round(sp, 6) in ds_sparsities:
-                run_deepsparse(ds_python, w, batches, ds_cores, llc, bw, base32, sp, args)
+                run_deepsparse(ds_python, w, batches, ds_cores, llc, bw, base32, sp)
                 release_memory()
             for vt in values:
                 p = pack(w, "bitmask", vt)
@@ -320,7 +320,7 @@ def find_deepsparse(path: str | None) -> tuple[str | None, str]:
     return path, f"deepsparse {r.stdout.strip().splitlines()[-1]}"
 
 
-def run_deepsparse(python, w, batches, cores, llc, bw, base32, sp, args) -> None:
+def run_deepsparse(python, w, batches, cores, llc, bw, base32, sp) -> None:
     """Time ``w`` (float32, masked) in DeepSparse at every batch in a subprocess; print its rows
     and record its best time per batch for the x_ds column. Its bytes are counted as 4 per kept
     weight (its compressed format's metadata is not known here)."""
