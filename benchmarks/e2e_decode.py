@@ -116,18 +116,25 @@ class SparseSwap:
     hosted as :func:`sparsec.runtime.generate.host_kernels` hosts a compiled model's: q/k/v and
     gate/up run as one kernel each."""
 
-    def __init__(self, model: nn.Module, sparsity: float, value_type: str, lm_head: str = "fp32") -> None:
+    def __init__(self, model: nn.Module, sparsity: float, value_type: str, lm_head: str = "fp32",
+                 same_layers: SparseSwap | None = None) -> None:
         """``lm_head``: ``fp32`` leaves it as it is; ``int8`` packs it dense int8 (per output channel,
-        not pruned) for the int8 kernel. ``nbytes`` counts the other layers, ``head_nbytes`` lm_head."""
+        not pruned) for the int8 kernel. ``nbytes`` counts the other layers, ``head_nbytes`` lm_head.
+        ``same_layers``: a swap of the same sparsity and value type whose packed layers (but
+        lm_head) to reuse instead of packing them again (minutes for the 1B model)."""
         self.model = model
-        kernels = []
-        self.nbytes = 0
-        for name, lin in linear_layers(model):
-            w = lin.weight.detach()
-            packed = pack(w * magnitude_mask(w, sparsity), "bitmask", value_type)
-            bias = None if lin.bias is None else lin.bias.detach()
-            kernels.append(KernelLinear(name, packed, build_linear_kernel(packed, bias=bias), bias, None, "cpu"))
-            self.nbytes += packed.nbytes()
+        if same_layers is not None:
+            self.layers, self.nbytes = same_layers.layers, same_layers.nbytes
+        else:
+            self.layers, self.nbytes = [], 0
+            for name, lin in linear_layers(model):
+                w = lin.weight.detach()
+                packed = pack(w * magnitude_mask(w, sparsity), "bitmask", value_type)
+                bias = None if lin.bias is None else lin.bias.detach()
+                self.layers.append(KernelLinear(name, packed, build_linear_kernel(packed, bias=bias), bias, None,
+                                                "cpu"))
+                self.nbytes += packed.nbytes()
+        kernels = list(self.layers)
         head = model.get_output_embeddings()
         self.head_nbytes = head.weight.numel() * 4
         if lm_head == "int8":
@@ -286,10 +293,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         swaps = {}
         for s in args.sparsity:
             for vt in args.values:
+                first = None
                 for head in args.lm_head:
                     label = f"sparsec {s:.0%} {vt}" + ("" if head == "fp32" else f" + {head} lm_head")
                     t0 = time.perf_counter()
-                    swap = SparseSwap(model, s, vt, head)
+                    swap = first = SparseSwap(model, s, vt, head, same_layers=first)
                     print(f"packed {name} at {s:.0%} {vt}, lm_head {head}, in {time.perf_counter() - t0:.0f}s "
                           f"({swap.nbytes / 1e6:.0f} MB vs {dense_bytes / 1e6:.0f} MB dense fp32; "
                           f"lm_head {swap.head_nbytes / 1e6:.0f} MB)", flush=True)
