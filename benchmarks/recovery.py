@@ -244,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             del student, history
             release_memory()
     total = time.perf_counter() - t_all
-    table = render(results.rows, sparsities, losses, args, hw, total)
+    # the table shows every row of these settings, also those earlier invocations added
+    shown_losses = [name for name in LOSSES if any(r.get("loss") == name for r in results.rows.values())]
+    shown_sparsities = sorted({r["sparsity"] for r in results.rows.values() if r.get("sparsity")})
+    table = render(results.rows, shown_sparsities, shown_losses, args, hw, total)
     (out / "table.md").write_text(table)
     print(table)
     return 0
