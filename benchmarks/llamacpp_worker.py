@@ -18,10 +18,11 @@ Two modes:
     PY=~/.cache/sparsec/llamacpp-venv/bin/python
     $PY benchmarks/llamacpp_worker.py --model SmolLM2-135M-Instruct.Q4_1.gguf --threads 2
 
-llama-cpp-python 0.3.36 crashed on this project's CPU with ``verbose=False`` and when given a
-multi-token batch, so the model is opened with ``verbose=True`` (its log goes to stderr) and the
-prompt is evaluated one token at a time unless ``--prefill batch`` is given; neither changes the
-timed decode steps, which evaluate one token each.
+llama-cpp-python 0.3.36 was reported to crash on this project's CPU with ``verbose=False`` and
+with multi-token batches. Neither reproduced with 0.3.36 compiled here from its sdist, but the
+worker keeps clear of both: it opens the model with ``verbose=True`` (the log goes to stderr)
+and evaluates the prompt one token at a time unless ``--prefill batch`` is given. Neither touches
+the timed decode steps, which evaluate one token each.
 """
 
 from __future__ import annotations
