@@ -12,6 +12,8 @@ Times, on the same loaded model and in one process (torch 1 thread, as in ``e2e_
   argument tuple), the Numba dispatch of the kernel (the same calls on empty row ranges:
   type-checking ~30 arguments) and the kernels' own work (the rest); and each kernel alone,
   called repeatedly so that its weights stay in cache;
+* the glue of the fused groups: every q/k/v and gate/up part slicing its rows out of the
+  group's output and copying them;
 * the floor's torch operator calls per step (``torch.profiler``) and what one small torch
   operator costs from Python here, so the floor can be read as "calls x cost per call".
 
@@ -159,6 +161,21 @@ def main() -> None:
                 m.lm_head(h)
 
             res["all_linear_pass_ms"] = 1e3 * per_call(pass_all_linear, 5)
+
+            # the glue of fused groups: each part of q/k/v and gate/up is a module that slices its
+            # rows out of the group's output and copies them (the group's kernel already ran for x)
+            parts = [mod for mod in m.modules() if isinstance(mod, FusedPart)]
+            px = {}
+            for part in parts:
+                px.setdefault(id(part.group), torch.randn(1, 1, part.in_features))
+                part(px[id(part.group)])
+
+            def pass_parts():
+                for part in parts:
+                    part(px[id(part.group)])
+
+            res["fused_parts"] = len(parts)
+            res["fused_glue_ms"] = 1e3 * per_call(pass_parts, 20)
         res["kernel_calls"] = len(mods)
         res["kernel_modules_ms"] = 1e3 * module_s
         res["kernel_work_ms"] = 1e3 * kernel_s
@@ -198,7 +215,8 @@ def main() -> None:
     print(f"      kernel work                            {res['kernel_work_ms']:7.2f} ms")
     print(f"      Numba dispatch (empty-range calls)     {res['numba_dispatch_ms']:7.2f} ms")
     print(f"      Python around the kernels              {res['kernel_python_ms']:7.2f} ms")
-    print(f"  rest (step - floor - that pass)            {res['rest_ms']:7.2f} ms")
+    print(f"  rest (step - floor - that pass)            {res['rest_ms']:7.2f} ms, of which")
+    print(f"    {res['fused_parts']} fused-part slices + copies           {res['fused_glue_ms']:7.2f} ms")
     print(f"  one small torch op from Python             {res['small_torch_op_us']:7.2f} us")
     print(f"  one RMSNorm module call                    {res['python_module_call_us']:7.2f} us")
     for shape, ts in hot.items():
