@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import glob
 import json
 import os
 import platform
@@ -49,7 +48,7 @@ from numba import njit  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sparsec.codegen.cpu import build_linear_kernel  # noqa: E402
-from sparsec.codegen.cpu.host import host_features  # noqa: E402
+from sparsec.codegen.cpu.host import host_features, last_level_cache_bytes  # noqa: E402
 from sparsec.codegen.cpu.threads import cpu_threads, run_ranges  # noqa: E402
 from sparsec.formats import format_class, pack  # noqa: E402
 
@@ -59,18 +58,6 @@ VALUES = ["fp32", "bf16", "int8", "int4"]
 BATCHES = [1, 4, 16, 64]
 
 
-def last_level_cache_bytes() -> int:
-    """Size of the largest cache of cpu0, from /sys (falls back to 32 MiB)."""
-    best = 0
-    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
-        try:
-            with open(os.path.join(d, "size")) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-        best = max(best, int(text.rstrip("KMG")) * mult)
-    return best or (32 << 20)
 
 
 @njit(nogil=True, fastmath=True)

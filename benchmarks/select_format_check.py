@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import os
-import resource
 import statistics
 import sys
-import time
 
 # Idle OpenMP threads must sleep, not spin, or the CPU-time clock charges their spinning to torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -29,7 +26,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sparsec import tune  # noqa: E402
 from sparsec.codegen.cpu import build_linear_kernel  # noqa: E402
+from sparsec.codegen.cpu.host import last_level_cache_bytes  # noqa: E402
 from sparsec.codegen.cpu.threads import cpu_threads  # noqa: E402
 from sparsec.formats import format_class, pack  # noqa: E402
 from sparsec.passes.select_format import (  # noqa: E402
@@ -43,34 +42,9 @@ from sparsec.passes.select_format import (  # noqa: E402
 CLOCK, STAT = "wall", statistics.median
 
 
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def last_level_cache_bytes() -> int:
-    best = 0
-    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
-        try:
-            text = open(os.path.join(d, "size")).read().strip()
-        except OSError:
-            continue
-        best = max(best, int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1))
-    return best or (32 << 20)
-
-
 def seconds_per_call(calls: list, min_seconds: float = 0.3, min_rounds: int = 3) -> float:
     """Rounds over ``calls``; wall time per call, or (``--clock cpu``) CPU time / threads per call."""
-    for c in calls:
-        c()
-    per_call, start, threads = [], time.perf_counter(), cpu_threads()
-    while len(per_call) < min_rounds or (time.perf_counter() - start < min_seconds and len(per_call) < 200):
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        for c in calls:
-            c()
-        spent = (cpu_seconds() - c0) / threads if CLOCK == "cpu" else time.perf_counter() - t0
-        per_call.append(spent / len(calls))
-    return STAT(per_call)
+    return tune.seconds_per_call(calls, CLOCK, cpu_threads(), min_seconds, min_rounds, max_rounds=200, stat=STAT)
 
 
 def read_bandwidth(nbytes: int = 1 << 30) -> float:

@@ -46,40 +46,29 @@ _FITTED_TYPES = ("bf16", "int8")
 _SHARE = {"fp32": "bf16", "fp16": "bf16", "bf16": "bf16", "int8": "int8", "int4": "int8"}
 
 
-def last_level_cache_bytes() -> int:
-    """The largest CPU cache the OS reports (32 MiB when it reports none)."""
-    best = 0
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        best = max(best, int(text.rstrip("KMG") or 0) * unit)
-    return best or 32 << 20
-
-
 def _cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
 
 def seconds_per_call(calls: list[Callable[[], Any]], clock: str, threads: int, min_seconds: float = 0.2,
-                     min_rounds: int = 3) -> float:
-    """Median over rounds of the time one call takes; each round runs every call once (rotating
-    over layer copies). ``clock="cpu"``: this process's CPU time divided by ``threads``, which on
-    a machine shared with other work leaves out the time other processes held the cores."""
+                     min_rounds: int = 3, max_rounds: int = 100,
+                     stat: Callable[[list[float]], float] = statistics.median) -> float:
+    """``stat`` (the median) over rounds of the time one call takes; each round runs every call
+    once (rotating over layer copies), for at least ``min_rounds`` and ``min_seconds``.
+    ``clock="cpu"``: this process's CPU time divided by ``threads``, which on a machine shared
+    with other work leaves out the time other processes held the cores."""
     for call in calls:
         call()
     rounds: list[float] = []
     start = time.perf_counter()
-    while len(rounds) < min_rounds or (time.perf_counter() - start < min_seconds and len(rounds) < 100):
+    while len(rounds) < min_rounds or (time.perf_counter() - start < min_seconds and len(rounds) < max_rounds):
         t0, c0 = time.perf_counter(), _cpu_seconds()
         for call in calls:
             call()
         spent = (_cpu_seconds() - c0) / threads if clock == "cpu" else time.perf_counter() - t0
         rounds.append(spent / len(calls))
-    return statistics.median(rounds)
+    return stat(rounds)
 
 
 def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -107,6 +96,7 @@ def tune_cpu(shape: tuple[int, int] = (4096, 4096), clock: str = "wall", rotate:
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure and fit (see the module docstring); returns the cost-model document."""
     from sparsec.codegen.cpu import build_linear_kernel
+    from sparsec.codegen.cpu.host import last_level_cache_bytes
     from sparsec.codegen.cpu.threads import cpu_threads
     from sparsec.formats import format_class, pack
     from sparsec.passes.select_format import WeightStats, default_models

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import llvmlite.binding as llvm
 
@@ -48,3 +49,17 @@ def host_features() -> HostFeatures:
         avx512vnni=on("avx512vnni"),
         avx512bf16=on("avx512bf16"),
     )
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest cache of cpu0 as the OS reports it (32 MiB when it reports none):
+    what timed layers must exceed, rotated, to come from memory as in a decode step."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        best = max(best, int(text.rstrip("KMG") or 0) * unit)
+    return best or 32 << 20
