@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sparsec.finetune.losses import SQUAREHEAD_NORMALIZATIONS
 from sparsec.finetune.trainer import FinetuneConfig, FinetuneError
 
 
@@ -62,7 +63,7 @@ def add_finetune_command(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--ce", type=float, default=1.0, help="a (default: %(default)s)")
     g.add_argument("--kl", type=float, default=0.0, help="b (default: %(default)s)")
     g.add_argument("--squarehead", type=float, default=1.0, help="c (default: %(default)s)")
-    g.add_argument("--squarehead-normalize", choices=("layer", "token"), default="layer",
+    g.add_argument("--squarehead-normalize", choices=SQUAREHEAD_NORMALIZATIONS, default="layer",
                    help="SquareHead normalizer: one teacher energy per layer (the paper's) or per token "
                         "(default: %(default)s)")
     g.add_argument("--temperature", type=float, default=1.0, help="KL temperature (default: %(default)s)")
