@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from sparsec.capture import Capture, OpaquePart, capture
-from sparsec.ir.device import move_graph
+from sparsec.ir.device import move_graph, to_device
 from sparsec.passes import (
     NumericCheck,
     Pass,
@@ -32,7 +32,6 @@ from sparsec.runtime.compiled import (
     build_compiled,
     kernel_builder,
     target_device,
-    to_device,
 )
 from sparsec.runtime.generate import model_description
 

@@ -1,4 +1,4 @@
-"""Move a captured graph, and the constants baked into it, to another device.
+"""Move a captured graph, the constants baked into it, and its inputs to another device.
 
 ``GraphModule.to(device)`` moves parameters and buffers, but a graph captured with
 ``torch.export`` also records devices *inside its nodes*: ``aten.arange(..., device=cpu)`` for
@@ -58,6 +58,13 @@ def move_module(module: torch.nn.Module, device: str | torch.device) -> torch.nn
         if isinstance(sub, fx.GraphModule):
             move_graph(sub, device)
     return module.to(device)
+
+
+def to_device(tree, device: str | torch.device):
+    """``tree`` (nested tuples, lists, dicts: a call's inputs) with every tensor moved to ``device``."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
 
 
 def graph_device(gm: torch.nn.Module) -> torch.device:

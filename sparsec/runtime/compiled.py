@@ -86,13 +86,6 @@ def target_device(target: str) -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(tree: Any, device: torch.device) -> Any:
-    """``tree`` (nested tuples, lists, dicts) with every tensor moved to ``device``."""
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
-
-
 @dataclass
 class LayerRecord:
     """What the runtime built for one layer; the compile report's row."""
@@ -275,6 +268,7 @@ class CompiledModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from sparsec.capture import bind_inputs
+        from sparsec.ir.device import to_device
 
         if self.target != "cpu":
             args, kwargs = to_device((args, kwargs), self.device)
