@@ -191,6 +191,15 @@ ARGS = (
 )
 
 
+def _add_row_start(add, i: int) -> None:
+    """Source that starts row ``i`` of a block at ``r``: its row ``rr{i}``, value offset ``p{i}``
+    and mask byte ``mb{i}``. The last block of a range repeats its last row instead of running
+    past it: the repeats write the same value again, and one code path serves every row count."""
+    add(f"rr{i} = min(r + {i}, r1 - 1)")
+    add(f"p{i} = offs[rr{i}]")
+    add(f"mb{i} = rr{i} * nbytes")
+
+
 def _rows_block_vnni(vt: str, R: int, BT: int, indent: str) -> list[str]:
     """int8/int4 rows: ``x`` comes as three byte limbs of a 24-bit fixed-point copy (see
     :func:`quantize_x24`), so a 64-column chunk is one byte expand and three ``vpdpbusd`` per batch
@@ -220,11 +229,7 @@ def _rows_block_vnni(vt: str, R: int, BT: int, indent: str) -> list[str]:
                 )
 
     for i in range(R):
-        # the last block of a range repeats its last row instead of running past it: the
-        # repeats write the same value again, and one code path serves every row count
-        add(f"rr{i} = min(r + {i}, r1 - 1)")
-        add(f"p{i} = offs[rr{i}]")
-        add(f"mb{i} = rr{i} * nbytes")
+        _add_row_start(add, i)
         if int4:
             for b in range(BT):
                 add(f"f{i}_{b} = vzero()")
@@ -290,9 +295,7 @@ def _rows_block_bf16(R: int, BT: int, indent: str) -> list[str]:
     L: list[str] = []
     add = lambda s, ind="": L.append(indent + ind + s)  # noqa: E731
     for i in range(R):
-        add(f"rr{i} = min(r + {i}, r1 - 1)")
-        add(f"p{i} = offs[rr{i}]")
-        add(f"mb{i} = rr{i} * nbytes")
+        _add_row_start(add, i)
         for b in range(BT):
             add(f"a{i}_{b}_0 = vzero()")
             add(f"a{i}_{b}_1 = vzero()")
@@ -336,11 +339,7 @@ def _rows_block(vt: str, R: int, BT: int, indent: str) -> list[str]:
     L: list[str] = []
     add = lambda s, ind="": L.append(indent + ind + s)  # noqa: E731
     for i in range(R):
-        # the last block of a range repeats its last row instead of running past it: the
-        # repeats write the same value again, and one code path serves every row count
-        add(f"rr{i} = min(r + {i}, r1 - 1)")
-        add(f"p{i} = offs[rr{i}]")
-        add(f"mb{i} = rr{i} * nbytes")
+        _add_row_start(add, i)
         for b in range(BT):
             for a in range(nacc):
                 add(f"a{i}_{b}_{a} = vzero()")
