@@ -77,21 +77,29 @@ def _gptq_graph(seed=0, dim=64, out=48):
     return model, gm, x, calibration
 
 
-@pytest.mark.parametrize(("bits", "group"), [(4, 16), (8, 128)])
-def test_gptq_beats_rtn_on_the_layer_output(bits, group):
-    model, gm, x, calibration = _gptq_graph()
+def _gptq_against_rtn(bits: int, group: int, options: str = ""):
+    """A 50%-pruned layer quantized by ``quantize{...,method=gptq<options>}``, and the mean squared
+    error of its output (float64, on the calibration inputs) against that of round-to-nearest:
+    ``(gm, node, keep, w_gptq, err_gptq, err_rtn, calibration)``."""
+    _, gm, x, calibration = _gptq_graph()
     ctx = PassContext(calibration=calibration)
     gm = _run(gm, "prune-magnitude{sparsity=0.5}")
     ((node, layer),) = _layers(gm)
     w0 = layer.matrix(gm).detach().clone()
     keep = w0 != 0
     w_rtn, _ = rtn_quantize(w0, keep, bits, group)
-    gm = _run(gm, f"quantize{{bits={bits},group={group},method=gptq}}", ctx)
+    gm = _run(gm, f"quantize{{bits={bits},group={group},method=gptq{options}}}", ctx)
     w_gptq = layer.matrix(gm).detach()
-    assert torch.all(w_gptq[~keep] == 0)
     ref = x.double() @ w0.double().T
     err_rtn = ((x.double() @ w_rtn.double().T) - ref).pow(2).mean().item()
     err_gptq = ((x.double() @ w_gptq.double().T) - ref).pow(2).mean().item()
+    return gm, node, keep, w_gptq, err_gptq, err_rtn, calibration
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 16), (8, 128)])
+def test_gptq_beats_rtn_on_the_layer_output(bits, group):
+    gm, node, keep, w_gptq, err_gptq, err_rtn, calibration = _gptq_against_rtn(bits, group)
+    assert torch.all(w_gptq[~keep] == 0)
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
     rec = node.meta[meta.QUANT]
     assert rec["method"] == "gptq" and rec["calibration_samples"] == len(calibration)
@@ -153,19 +161,8 @@ def test_searched_scales_round_better_and_pack_exactly(bits, group):
 
 @pytest.mark.parametrize(("bits", "group"), [(4, 16), (8, 128)])
 def test_gptq_actorder_and_searched_scales_beat_rtn(bits, group):
-    model, gm, x, calibration = _gptq_graph()
-    ctx = PassContext(calibration=calibration)
-    gm = _run(gm, "prune-magnitude{sparsity=0.5}")
-    ((node, layer),) = _layers(gm)
-    w0 = layer.matrix(gm).detach().clone()
-    keep = w0 != 0
-    w_rtn, _ = rtn_quantize(w0, keep, bits, group)
-    gm = _run(gm, f"quantize{{bits={bits},group={group},method=gptq,actorder=true,scales=mse}}", ctx)
-    w_gptq = layer.matrix(gm).detach()
+    gm, node, keep, w_gptq, err_gptq, err_rtn, _ = _gptq_against_rtn(bits, group, ",actorder=true,scales=mse")
     assert torch.all(w_gptq[~keep] == 0)
-    ref = x.double() @ w0.double().T
-    err_rtn = ((x.double() @ w_rtn.double().T) - ref).pow(2).mean().item()
-    err_gptq = ((x.double() @ w_gptq.double().T) - ref).pow(2).mean().item()
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
     rec = node.meta[meta.QUANT]
     vt = "int8" if bits == 8 else "int4"
