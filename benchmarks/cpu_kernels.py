@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sparsec.codegen.cpu import build_linear_kernel  # noqa: E402
 from sparsec.codegen.cpu.host import host_features, last_level_cache_bytes  # noqa: E402
 from sparsec.codegen.cpu.threads import cpu_threads, run_ranges  # noqa: E402
-from sparsec.formats import format_class, pack  # noqa: E402
+from sparsec.formats import pack  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SPARSITIES = [0.0, 0.5, 0.7, 0.75, 0.8, 0.9]
@@ -137,10 +137,6 @@ def copies_needed(layer_bytes: int, llc: int) -> int:
     return max(2, -(-2 * llc // max(layer_bytes, 1)) + 1)
 
 
-def clone_packed(p):
-    """A copy of a packed weight in fresh memory (same bytes, different addresses)."""
-    tensors = {k: v.clone() for k, v in p.tensors("w").items()}
-    return format_class(p.format_name).from_tensors("w", tensors, **p.options())
 
 
 def main() -> None:
@@ -270,7 +266,7 @@ def main() -> None:
                 nb = p.nbytes()
                 n = copies_needed(nb, llc)
                 kernels = [build_linear_kernel(p)] + [
-                    build_linear_kernel(clone_packed(p)) for _ in range(n - 1)
+                    build_linear_kernel(p.clone()) for _ in range(n - 1)
                 ]
                 for B in batches:
                     x = torch.randn(B, cols, generator=gen)

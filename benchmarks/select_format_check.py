@@ -30,7 +30,7 @@ from sparsec import tune  # noqa: E402
 from sparsec.codegen.cpu import build_linear_kernel  # noqa: E402
 from sparsec.codegen.cpu.host import last_level_cache_bytes  # noqa: E402
 from sparsec.codegen.cpu.threads import cpu_threads  # noqa: E402
-from sparsec.formats import format_class, pack  # noqa: E402
+from sparsec.formats import pack  # noqa: E402
 from sparsec.passes.select_format import (  # noqa: E402
     NM_PATTERNS,
     WeightStats,
@@ -53,9 +53,6 @@ def read_bandwidth(nbytes: int = 1 << 30) -> float:
     return nbytes / seconds_per_call([lambda: a.sum()], min_rounds=5)
 
 
-def clone_packed(p):
-    tensors = {k: v.clone() for k, v in p.tensors("w").items()}
-    return format_class(p.format_name).from_tensors("w", tensors, **p.options())
 
 
 def candidates(w: torch.Tensor) -> list[tuple[str, str, dict]]:
@@ -132,7 +129,7 @@ def main() -> None:
                                 continue
                             packed = pack(w, fmt, vt, **options, **opts)
                             copies = [packed] + [
-                                clone_packed(packed) for _ in range(max(2, -(-2 * llc // packed.nbytes()) + 1) - 1)
+                                packed.clone() for _ in range(max(2, -(-2 * llc // packed.nbytes()) + 1) - 1)
                             ]
                             kernels = [build_linear_kernel(p) for p in copies]
                             meas[label] = seconds_per_call([lambda k=k, x=x: k(x) for k in kernels])

@@ -98,6 +98,12 @@ class PackedWeight(abc.ABC):
         """
         return {}
 
+    def clone(self) -> PackedWeight:
+        """An independent copy: its own tensors, the same format and options (benchmarks rotate
+        over such copies so that each call reads its weight from memory, not cache)."""
+        tensors = {k: v.clone() for k, v in self.tensors("w").items()}
+        return type(self).from_tensors("w", tensors, **self.options())
+
     def nbytes(self) -> int:
         """Exact bytes of every stored tensor (values, masks, indices, scales, shape)."""
         return sum(t.numel() * t.element_size() for t in self.tensors("w").values())
