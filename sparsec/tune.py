@@ -98,7 +98,7 @@ def tune_cpu(shape: tuple[int, int] = (4096, 4096), clock: str = "wall", rotate:
     from sparsec.codegen.cpu import build_linear_kernel
     from sparsec.codegen.cpu.host import last_level_cache_bytes
     from sparsec.codegen.cpu.threads import cpu_threads
-    from sparsec.formats import format_class, pack
+    from sparsec.formats import pack
     from sparsec.passes.select_format import WeightStats, default_models
 
     if clock not in ("wall", "cpu"):
@@ -108,75 +108,76 @@ def tune_cpu(shape: tuple[int, int] = (4096, 4096), clock: str = "wall", rotate:
         raise ValueError(f"shape {rows}x{cols} is too small to time; use at least 16x64 (default 4096x4096)")
     say = progress or (lambda _line: None)
     threads = cpu_threads()
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # torch's dense path gets the cores the kernels get
-    base = default_models(threads)["cpu"]
-    cycles_per_second = threads * base.clock
-    llc = last_level_cache_bytes()
-    gen = torch.Generator().manual_seed(0)
-    dense = torch.randn(rows, cols, generator=gen)
+    try:
+        base = default_models(threads)["cpu"]
+        cycles_per_second = threads * base.clock
+        llc = last_level_cache_bytes()
+        gen = torch.Generator().manual_seed(0)
+        dense = torch.randn(rows, cols, generator=gen)
 
-    def copies_of(nbytes: int) -> int:
-        return max(2, math.ceil(2 * llc / max(1, nbytes))) if rotate else 1
+        def copies_of(nbytes: int) -> int:
+            return max(2, math.ceil(2 * llc / max(1, nbytes))) if rotate else 1
 
-    measured: list[dict[str, Any]] = []
-    weights = [dense] + [dense.clone() for _ in range(copies_of(dense.numel() * 4) - 1)]
-    times = {}
-    for batch in _BATCHES:
-        x = torch.randn(batch, cols, generator=gen)
-        times[batch] = seconds_per_call([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in weights],
-                                        clock, threads)
-        measured.append({"kind": "torch fp32 dense", "batch": batch, "seconds": times[batch]})
-        say(f"torch fp32 dense {rows}x{cols} batch {batch}: {times[batch] * 1e6:.1f} us")
-    del weights
-    bandwidth = (rows * cols * 4 + 4 * (rows + cols)) / times[1]
-    dense_fma = rows * cols * 16 / (times[16] * cycles_per_second)
+        measured: list[dict[str, Any]] = []
+        weights = [dense] + [dense.clone() for _ in range(copies_of(dense.numel() * 4) - 1)]
+        times = {}
+        for batch in _BATCHES:
+            x = torch.randn(batch, cols, generator=gen)
+            times[batch] = seconds_per_call([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in weights],
+                                            clock, threads)
+            measured.append({"kind": "torch fp32 dense", "batch": batch, "seconds": times[batch]})
+            say(f"torch fp32 dense {rows}x{cols} batch {batch}: {times[batch] * 1e6:.1f} us")
+        del weights
+        bandwidth = (rows * cols * 4 + 4 * (rows + cols)) / times[1]
+        dense_fma = rows * cols * 16 / (times[16] * cycles_per_second)
 
-    fitted: dict[str, dict[str, float]] = {}
-    residuals: dict[str, float] = {}
-    for vt in _FITTED_TYPES:
-        a, b = [], []
-        for sparsity in _SPARSITIES:
-            w = _pruned(dense, sparsity)
-            stats = WeightStats.of(w, (), ())
-            packed = pack(w, "bitmask", vt)
-            tensors = packed.tensors("w")
-            copies = [packed] + [format_class("bitmask").from_tensors("w", {k: v.clone() for k, v in tensors.items()},
-                                                                      **packed.options())
-                                 for _ in range(copies_of(packed.nbytes()) - 1)]
-            kernels = [build_linear_kernel(p) for p in copies]
-            chunks = rows * math.ceil(cols / base.chunk_lanes[vt])
-            for batch in _BATCHES:
-                x = torch.randn(batch, cols, generator=gen)
-                t = seconds_per_call([lambda k=k, x=x: k(x) for k in kernels], clock, threads)
-                measured.append({"kind": f"bitmask {vt}", "sparsity": sparsity, "batch": batch, "seconds": t})
-                say(f"bitmask {vt} {rows}x{cols} {sparsity:.0%} batch {batch}: {t * 1e6:.1f} us")
-                a.append([chunks, chunks * batch, stats.nnz * batch])
-                b.append(t * cycles_per_second)
-            del kernels, copies
-        coef = nonnegative_least_squares(np.array(a, dtype=float), np.array(b, dtype=float))
-        fit = np.array(a, dtype=float) @ coef
-        residuals[vt] = float(np.max(np.abs(fit - np.array(b)) / np.array(b)))
-        fitted[vt] = {"chunk_cycles": float(coef[0]), "chunk_cycles_per_token": float(coef[1]),
-                      "nnz_cycles_per_token": float(coef[2])}
-    value_types = tuple(_SHARE)
-    cpu = {
-        "bandwidth": bandwidth,
-        "threads": threads,
-        "dense_fma_per_cycle": dense_fma,
-        "chunk_cycles": {vt: fitted[_SHARE[vt]]["chunk_cycles"] for vt in value_types},
-        "chunk_cycles_per_token": {vt: fitted[_SHARE[vt]]["chunk_cycles_per_token"] for vt in value_types},
-        "nnz_cycles_per_token": {vt: fitted[_SHARE[vt]]["nnz_cycles_per_token"] for vt in value_types},
-    }
-    return {
-        "format": COST_MODEL_FORMAT,
-        "version": COST_MODEL_VERSION,
-        "cpu": cpu,
-        "fit": {"max_relative_error": residuals, "shape": [rows, cols], "clock": clock,
-                "layer_copies_exceed_llc": rotate, "llc_bytes": llc},
-        "measured": measured,
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": threads,
-                    "torch": torch.__version__, "load_average": os.getloadavg()[0]},
-    }
+        fitted: dict[str, dict[str, float]] = {}
+        residuals: dict[str, float] = {}
+        for vt in _FITTED_TYPES:
+            a, b = [], []
+            for sparsity in _SPARSITIES:
+                w = _pruned(dense, sparsity)
+                stats = WeightStats.of(w, (), ())
+                packed = pack(w, "bitmask", vt)
+                copies = [packed] + [packed.clone() for _ in range(copies_of(packed.nbytes()) - 1)]
+                kernels = [build_linear_kernel(p) for p in copies]
+                chunks = rows * math.ceil(cols / base.chunk_lanes[vt])
+                for batch in _BATCHES:
+                    x = torch.randn(batch, cols, generator=gen)
+                    t = seconds_per_call([lambda k=k, x=x: k(x) for k in kernels], clock, threads)
+                    measured.append({"kind": f"bitmask {vt}", "sparsity": sparsity, "batch": batch, "seconds": t})
+                    say(f"bitmask {vt} {rows}x{cols} {sparsity:.0%} batch {batch}: {t * 1e6:.1f} us")
+                    a.append([chunks, chunks * batch, stats.nnz * batch])
+                    b.append(t * cycles_per_second)
+                del kernels, copies
+            coef = nonnegative_least_squares(np.array(a, dtype=float), np.array(b, dtype=float))
+            fit = np.array(a, dtype=float) @ coef
+            residuals[vt] = float(np.max(np.abs(fit - np.array(b)) / np.array(b)))
+            fitted[vt] = {"chunk_cycles": float(coef[0]), "chunk_cycles_per_token": float(coef[1]),
+                          "nnz_cycles_per_token": float(coef[2])}
+        value_types = tuple(_SHARE)
+        cpu = {
+            "bandwidth": bandwidth,
+            "threads": threads,
+            "dense_fma_per_cycle": dense_fma,
+            "chunk_cycles": {vt: fitted[_SHARE[vt]]["chunk_cycles"] for vt in value_types},
+            "chunk_cycles_per_token": {vt: fitted[_SHARE[vt]]["chunk_cycles_per_token"] for vt in value_types},
+            "nnz_cycles_per_token": {vt: fitted[_SHARE[vt]]["nnz_cycles_per_token"] for vt in value_types},
+        }
+        return {
+            "format": COST_MODEL_FORMAT,
+            "version": COST_MODEL_VERSION,
+            "cpu": cpu,
+            "fit": {"max_relative_error": residuals, "shape": [rows, cols], "clock": clock,
+                    "layer_copies_exceed_llc": rotate, "llc_bytes": llc},
+            "measured": measured,
+            "machine": {"processor": platform.processor() or platform.machine(), "threads": threads,
+                        "torch": torch.__version__, "load_average": os.getloadavg()[0]},
+        }
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def write_cost_model(document: dict[str, Any], path: str | os.PathLike) -> Path:

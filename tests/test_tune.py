@@ -35,7 +35,9 @@ def test_nonnegative_least_squares_drops_negative_coefficients():
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
+    threads = torch.get_num_threads()
     doc = tune_cpu((64, 256), rotate=False)
+    assert torch.get_num_threads() == threads  # measuring leaves the caller's torch threads alone
     path = tmp_path_factory.mktemp("tune") / "cost.json"
     write_cost_model(doc, path)
     return doc, path
