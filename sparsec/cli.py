@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("tune", help="fit select-format's CPU cost model to this machine's kernels")
+    p = sub.add_parser("tune", help="fit select-format's CPU cost model to this machine's kernels",
+                       description="Fit select-format's CPU cost model to this machine's kernels. On a machine "
+                                   "shared with other work run it as OMP_WAIT_POLICY=PASSIVE sparsec tune: torch "
+                                   "reads the variable when it loads, and spinning OpenMP threads stalled its "
+                                   "dense matmul 100-fold here.")
     p.add_argument("-o", "--output", default=None,
                    help="JSON file to write (default: ~/.cache/sparsec/cost-model.json)")
     p.add_argument("--shape", default="4096x4096", help="ROWSxCOLS of the timed layers (default: %(default)s)")
@@ -158,11 +162,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    import os
-
-    # Idle OpenMP threads must sleep, not spin: spinning threads of torch's dense matmul stalled it
-    # 100-fold on a loaded machine (40 ms against 0.3 ms for a 512x1024 layer at batch 16).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from sparsec.models import cache_dir
     from sparsec.tune import tune_cpu, write_cost_model
 

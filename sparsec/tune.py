@@ -11,9 +11,10 @@ starts to pay. :func:`tune_cpu` measures, on random layers of ``shape``:
 and fits the bitmask terms of each value type (``chunk_cycles``, ``chunk_cycles_per_token``,
 ``nnz_cycles_per_token``) to those four times by non-negative least squares. fp32 and fp16
 values take bf16's constants and int4 takes int8's, as the defaults do. Timed layers rotate over
-copies larger than twice the last-level cache, as in a model's decode step. Run it with
-``OMP_WAIT_POLICY=PASSIVE`` (``sparsec tune`` sets it): spinning OpenMP threads made torch's dense
-matmul 100 times slower on a machine shared with other work.
+copies larger than twice the last-level cache, as in a model's decode step. On a machine shared
+with other work, start the process with ``OMP_WAIT_POLICY=PASSIVE`` (torch reads it when it
+loads, so setting it from Python later does nothing): spinning OpenMP threads made torch's dense
+matmul 100 times slower there (a 512x1024 layer at batch 16: 36-40 ms against 0.27-0.39 ms).
 
 The result is a JSON file (``format: sparsec-cost-model``, ``version``) holding the fitted
 constants, every measurement and the machine; ``select-format{cost_model="FILE"}`` uses it::
