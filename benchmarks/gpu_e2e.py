@@ -76,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ids0 = tok(PROMPTS[0], return_tensors="pt").input_ids
     failures = 0
     for vt in args.value_types.split(","):
-        quant = ",quantize{bits=8}" if vt == "int8" else ""
-        pipeline = f"prune-magnitude{{sparsity={args.sparsity}}}{quant},lower-cuda{{value_type={vt}}}"
-        if vt == "int8":
-            pipeline = f"prune-magnitude{{sparsity={args.sparsity}}}{quant},lower-cuda"
+        # int8 values come from quantize (lowering follows its record); float types are asked of lower-cuda
+        lower = ",quantize{bits=8},lower-cuda" if vt == "int8" else f",lower-cuda{{value_type={vt}}}"
+        pipeline = f"prune-magnitude{{sparsity={args.sparsity}}}{lower}"
         t0 = time.perf_counter()
         compiled = sparsec.compile(model, {"input_ids": ids0}, pipeline, target="cuda")
         compile_s = time.perf_counter() - t0
