@@ -10,7 +10,10 @@ fills the remaining weights (embeddings, norms) from the graph's tensors. :func:
 runs its own short loop over that model with a ``DynamicCache``: one prefill call, then one call
 per new token, computing only the last position's logits. The loop does as little Python per
 token as it can (no logits processors, no mask rebuilt per step when no prompt is padded):
-on a 135M model the cost of a token is mostly overhead, not bytes.
+on a 135M model the cost of a token is mostly overhead, not bytes. For a single prompt on a
+Llama-family model whose layers all run sparsec's CPU bitmask kernels, each decode step after
+the prefill is one compiled call over every decoder layer (:mod:`sparsec.runtime.decode_step`),
+with no Python per layer at all.
 
     result = sparsec.generate(compiled, tokenizer, "The capital of France is", max_new_tokens=20)
     print(result.text, f"{result.tokens_per_second:.1f} tokens/s")
@@ -248,6 +251,9 @@ def build_decoder(compiled: nn.Module, fuse: bool = True) -> nn.Module:
 
 # --------------------------------------------------------------------------- generation
 
+#: how :func:`generate` may run its decode steps
+STEPS = ("auto", "fused", "modules")
+
 
 @dataclass
 class GenerationResult:
@@ -271,6 +277,11 @@ class GenerationResult:
     tokens_per_second: float
     finished: list[bool] = field(default_factory=list)
     decode_cpu_seconds: float = 0.0
+    #: how the decode steps ran: "fused" (every decoder layer in one compiled call a token,
+    #: :mod:`sparsec.runtime.decode_step`) or "modules" (the Hugging Face layers, kernel by kernel)
+    step: str = "modules"
+    #: why the steps did not run fused (empty when they did, or were asked to run by module)
+    step_reason: str = ""
 
 
 def _resolve_model(model: Any) -> tuple[nn.Module, Any]:
@@ -349,7 +360,8 @@ def _picker(temperature: float, top_k: int | None, seed: int | None) -> Callable
 
 def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor, max_new_tokens: int = 32, *,
              temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-             stream: Callable[[Any], None] | None = None, stop_at_eos: bool = True) -> GenerationResult:
+             stream: Callable[[Any], None] | None = None, stop_at_eos: bool = True,
+             step: str = "auto") -> GenerationResult:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens with a KV cache.
 
     ``model``: a :class:`~sparsec.runtime.compiled.CompiledModule`, an artifact directory, or a
@@ -359,7 +371,11 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
     ``temperature`` 0 is greedy; above 0 samples, from the ``top_k`` most likely tokens if given,
     reproducibly for a given ``seed``. ``stream(piece)`` receives each new piece of text as it is
     decoded (a list of pieces for a batch). ``stop_at_eos``: stop a row at the model's end token.
-    Nothing of ``model`` or ``prompt`` is modified.
+    ``step``: ``"fused"`` runs each decode step of a single prompt as one compiled call over all
+    decoder layers (:mod:`sparsec.runtime.decode_step`; an error if the model cannot),
+    ``"modules"`` through the Hugging Face layers kernel by kernel, ``"auto"`` fused where the
+    model allows (the result's ``step`` and ``step_reason`` say which ran and why). The prompt
+    is always prefilled through the modules. Nothing of ``model`` or ``prompt`` is modified.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -367,6 +383,8 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
         raise GenerationError(f"temperature must be 0 (greedy) or positive, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if step not in STEPS:
+        raise GenerationError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
     decoder, found = _resolve_model(model)
     tokenizer = tokenizer if tokenizer is not None else found
     if stream is not None and tokenizer is None:
@@ -375,6 +393,18 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
     vocab = decoder.config.vocab_size
     if int(ids.max()) >= vocab or int(ids.min()) < 0:
         raise GenerationError(f"prompt token ids must lie in [0, {vocab}) for this model")
+    fused, step_reason = None, ""
+    if step != "modules":
+        from sparsec.runtime.decode_step import fused_step_for
+
+        found_step = fused_step_for(decoder) if ids.shape[0] == 1 and mask is None else "a batch of prompts"
+        if isinstance(found_step, str):
+            step_reason = f"the decode step runs by module: {found_step}"
+            if step == "fused":
+                raise GenerationError(f"step='fused' is not possible here ({step_reason.split(': ', 1)[1]}); "
+                                      f"use step='auto' or 'modules'")
+        else:
+            fused = found_step
     eos = _eos_ids(decoder, tokenizer) if stop_at_eos else []
     pick = _picker(float(temperature), top_k, seed)
     B = ids.shape[0]
@@ -417,6 +447,9 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
         emit(0)
         steps = 1
         one = None if mask is None else torch.ones(B, 1, dtype=mask.dtype, device=device)
+        prompt_length = int(ids.shape[1])
+        if fused is not None:
+            fused.load_cache(cache, prompt_length)
         for step in range(1, max_new_tokens):
             if eos_t is not None:
                 finished |= torch.isin(tok, eos_t)
@@ -425,8 +458,11 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
             if mask is not None:
                 mask = torch.cat([mask, one], -1)
                 pos = pos[:, -1:] + 1
-            logits = decoder(input_ids=tok[:, None].to(device), attention_mask=mask, position_ids=pos,
-                             **{cache_key: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+            if fused is not None:
+                logits = fused(int(tok[0]), prompt_length + step - 1)
+            else:
+                logits = decoder(input_ids=tok[:, None].to(device), attention_mask=mask, position_ids=pos,
+                                 **{cache_key: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
             tok = pick(logits.float().cpu())
             if eos_t is not None:
                 tok = torch.where(finished, torch.full_like(tok, fill), tok)
@@ -446,7 +482,8 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
         text=text if batched else text[0], tokens=tokens, prompt_tokens=int(ids.shape[1]),
         prefill_seconds=t1 - t0, decode_seconds=decode_seconds, steps=steps, batch=B,
         tokens_per_second=B * (steps - 1) / decode_seconds if steps > 1 and decode_seconds > 0 else 0.0,
-        finished=[bool(f) for f in finished], decode_cpu_seconds=c2 - c1)
+        finished=[bool(f) for f in finished], decode_cpu_seconds=c2 - c1,
+        step="fused" if fused is not None else "modules", step_reason=step_reason)
 
 
 # --------------------------------------------------------------------------- command line
@@ -465,6 +502,9 @@ def add_generate_command(subparsers: Any) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="bundled model name or Hugging Face folder whose tokenizer to use "
                         "(default: the one saved in the artifact)")
+    p.add_argument("--step", choices=STEPS, default="auto",
+                   help="decode steps as one compiled call over all layers (fused), through the model's "
+                        "modules, or fused where the model allows (auto, the default)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -484,7 +524,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if single:
         print(prompts, end="", flush=True)
     result = generate(args.artifact, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, seed=args.seed,
+                      top_k=args.top_k, seed=args.seed, step=args.step,
                       stream=(lambda piece: print(piece, end="", flush=True)) if single else None)
     if single:
         print()
@@ -492,7 +532,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for prompt, text in zip(prompts, result.text):
             print(f"{prompt}{text}")
     print(f"{result.batch} x {result.steps} tokens; prefill {result.prompt_tokens} tokens in "
-          f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+          f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.tokens_per_second:.1f} tokens/s "
+          f"({result.step} step)", file=sys.stderr)
     return 0
 
 

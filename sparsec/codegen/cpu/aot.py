@@ -48,6 +48,9 @@ from typing import Any
 #: version of the ``kernels`` section this module writes and reads.
 AOT_VERSION = 1
 
+#: codecache keys of the generated decode-step modules (:mod:`.decoder`), which are not exported
+DECODER_PREFIX = "decoder_"
+
 
 class AotError(RuntimeError):
     """Kernel object code that cannot be saved or linked here; the message says why and what to do."""
@@ -202,22 +205,31 @@ def _entry_overloads() -> list[tuple[Any, str | None, Any, tuple, Any]]:
             if (isinstance(value, CPUDispatcher) and value.overloads and id(value) not in found
                     and value.py_func.__module__ == mod.__name__):
                 found[id(value)] = (mod, key, value)
-    linked: set[int] = set()
-
-    def walk(lib) -> None:
+    def walk(lib, into: set[int]) -> None:
         for dep in getattr(lib, "_linking_libraries", ()):
-            if id(dep) not in linked:
-                linked.add(id(dep))
-                walk(dep)
+            if id(dep) not in into:
+                into.add(id(dep))
+                walk(dep, into)
 
+    # A decode step (:mod:`.decoder`) links the kernels it calls into its own code; that must not
+    # hide those kernels' Python-called signatures from export. The step itself is not exported:
+    # generation compiles it (or loads it from Numba's cache) on first use.
+    is_step = {id(d) for _, key, d in found.values() if key is not None and key.startswith(DECODER_PREFIX)}
+    linked: set[int] = set()  # libraries linked into another exported kernel
+    in_steps: set[int] = set()  # libraries linked into a decode step
     for _, _, disp in found.values():
         for cres in list(disp.overloads.values()):
-            walk(cres.library)
+            walk(cres.library, in_steps if id(disp) in is_step else linked)
     out = []
     for mod, key, disp in found.values():
+        if id(disp) in is_step:
+            continue
         for sig, cres in list(disp.overloads.items()):
-            if id(cres.library) not in linked:
-                out.append((mod, key, disp, sig, cres))
+            if id(cres.library) in linked:
+                continue
+            if id(cres.library) in in_steps and any(_encode_type(t) is None for t in sig):
+                continue  # a signature only a step calls (Python never passes such types)
+            out.append((mod, key, disp, sig, cres))
     return out
 
 
