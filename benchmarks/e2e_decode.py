@@ -196,14 +196,16 @@ class _Zeros(nn.Module):
 CLOCK = "wall"
 
 
-def decode_rate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
+def decode_rate(model, ids: torch.Tensor, new_tokens: int, step: str = "auto") -> tuple[float, float, list[int]]:
     """Decode tokens/s (batch rows x decode steps / decode seconds) of one generation, by the wall
     clock and by the CPU time of the process that decoded (this one, or llama.cpp's worker), and
-    the greedy tokens of the first row."""
+    the greedy tokens of the first row. ``step``: how :func:`generate` runs the decode steps."""
     if isinstance(model, LlamaCpp):
         r = model.decode(ids, new_tokens)
         return r["tokens_per_second"], r["cpu_tokens_per_second"], r["tokens"]
-    r = generate(model, None, ids, new_tokens, stop_at_eos=False)
+    r = generate(model, None, ids, new_tokens, stop_at_eos=False, step=step)
+    if step == "fused" and r.step != "fused":
+        raise SystemExit(f"the fused decode step did not run: {r.step_reason}")
     steps = r.batch * (r.steps - 1)
     return steps / r.decode_seconds, steps / r.decode_cpu_seconds, r.tokens[0].tolist()
 
@@ -291,6 +293,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if "bf16" in args.dense:
             variants.append(("torch bf16", copy.deepcopy(model).to(torch.bfloat16), dense_bytes // 2))
         swaps = {}
+        steps_of: dict[str, str] = {}  # label -> how generate runs its decode steps
         for s in args.sparsity:
             for vt in args.values:
                 first = None
@@ -302,7 +305,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                           f"({swap.nbytes / 1e6:.0f} MB vs {dense_bytes / 1e6:.0f} MB dense fp32; "
                           f"lm_head {swap.head_nbytes / 1e6:.0f} MB)", flush=True)
                     swaps[label] = swap
-                    variants.append((label, swap, swap.nbytes))
+                    for step in args.steps:
+                        suffix = "" if len(args.steps) == 1 else f" ({step} step)"
+                        variants.append((label + suffix, swap, swap.nbytes))
+                        steps_of[label + suffix] = step
         gen = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size
         compiled_info = None
@@ -336,13 +342,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             cpu: dict[str, list[float]] = {v[0]: [] for v in batch_variants}
             for _label, v, _ in batch_variants:  # warm-up (first calls allocate the cache and scratch)
                 with (v if isinstance(v, (SparseSwap, NoLinearWork)) else _Same(v)) as m:
-                    decode_rate(m, ids, 4)
+                    decode_rate(m, ids, 4, steps_of.get(_label, "auto") if batch == 1 else "auto")
             loads = [os.getloadavg()[0]]
             tokens: dict[str, list[int]] = {}
             for _ in range(args.rounds):
                 for label, v, _ in batch_variants:
                     with (v if isinstance(v, (SparseSwap, NoLinearWork)) else _Same(v)) as m:
-                        w_rate, c_rate, tokens[label] = decode_rate(m, ids, args.new_tokens)
+                        step = steps_of.get(label, "auto") if batch == 1 else "auto"
+                        w_rate, c_rate, tokens[label] = decode_rate(m, ids, args.new_tokens, step)
                     wall[label].append(w_rate)
                     cpu[label].append(c_rate)
                 loads.append(os.getloadavg()[0])
@@ -432,6 +439,9 @@ def main() -> None:
     p.add_argument("--lm-head", default="fp32", type=lambda s: s.split(","),
                    help="lm_head of the sparsec rows: fp32 (dense, as is), int8 (dense int8 per output "
                         "channel, run by the int8 kernel), or both: fp32,int8")
+    p.add_argument("--steps", default="auto", type=lambda s: s.split(","),
+                   help="how the sparsec rows run their batch-1 decode steps: auto, fused (one compiled "
+                        "call a token), modules (the Hugging Face layers); several give a row each")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)

@@ -162,7 +162,9 @@ def run(args: argparse.Namespace, load_start: tuple[float, float, float]) -> int
         eager_text = tokenizer.decode(expected[0], skip_special_tokens=True)
         distinct = len(set(expected[0].tolist()))
         print(f"\nprompt: {prompt!r}")
-        print(f"  sparsec.generate  ({n} tokens, {sparse_s:.1f} s): {result.text!r}")
+        print(f"  sparsec.generate  ({n} tokens, {sparse_s:.1f} s, {result.step} decode step): {result.text!r}")
+        if result.step_reason:
+            print(f"    ({result.step_reason})")
         print(f"  eager HF generate ({n} tokens, {eager_s:.1f} s): {eager_text!r}")
         if equal:
             print(f"  greedy tokens equal: yes ({got.shape[1]} of {n}, {distinct} distinct); "
@@ -173,6 +175,7 @@ def run(args: argparse.Namespace, load_start: tuple[float, float, float]) -> int
                   f"smallest top-2 logit gap {margin:.4f}")
             problems.append(f"greedy tokens differ for {prompt!r}")
         outcomes.append(dict(prompt=prompt, sparsec_text=result.text, eager_text=eager_text, tokens_equal=equal,
+                             decode_step=result.step,
                              sparsec_tokens=got[0].tolist(), eager_tokens=expected[0].tolist(),
                              distinct_tokens=distinct, top2_margin=margin, sparsec_seconds=sparse_s,
                              eager_seconds=eager_s))
