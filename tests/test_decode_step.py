@@ -198,3 +198,21 @@ def test_saving_after_a_fused_decode_still_exports_every_kernel(tmp_path):
     assert report["modules"] == fused["tokens"]
     assert report["auto"] == fused["tokens"]
     assert report["step"] == "modules" and "decode step could not be compiled here" in report["reason"]
+
+
+def test_auto_keeps_the_threads_of_layers_that_use_several(monkeypatch):
+    """Layers split over two threads on the module path: ``auto`` keeps that path (the step is
+    single-threaded) and says why; ``fused`` runs them on one thread, same tokens."""
+    from sparsec.codegen.cpu.kernel import CpuLinearKernel
+
+    monkeypatch.setenv("SPARSEC_NUM_THREADS", "2")
+    monkeypatch.setattr(CpuLinearKernel, "PARALLEL_MIN_WEIGHTS", 1)
+    model = _model()
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+    c = sparsec.compile(model, {"input_ids": ids}, "prune-magnitude{sparsity=0.6},lower-cpu{value_type=int8}")
+    step = fused_step_for(build_decoder(c))
+    assert isinstance(step, FusedDecodeStep) and step.module_threads == 2
+    auto = generate(c, None, ids[0], 16, stop_at_eos=False)
+    assert auto.step == "modules" and "run on 2 threads there and the fused step on one" in auto.step_reason
+    fused = generate(c, None, ids[0], 16, stop_at_eos=False, step="fused")
+    assert fused.step == "fused" and torch.equal(fused.tokens, auto.tokens)

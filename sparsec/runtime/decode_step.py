@@ -5,8 +5,11 @@ host (:func:`sparsec.runtime.generate.host_kernels`, q/k/v and gate/up fused) an
 layer can run inside the generated step of :mod:`sparsec.codegen.cpu.decoder`, returns a
 :class:`FusedDecodeStep` that keeps its own KV cache and computes a token's logits with one Numba
 dispatch for all the decoder layers plus one call of ``lm_head``. When a model cannot (another
-architecture, a layer kept dense, kernels of two value types, layers big enough to want several
-threads) it says why, and generation keeps the module-by-module path.
+architecture, a layer kept dense, kernels of two value types) it says why, and generation keeps
+the module-by-module path. The step runs on one thread: :attr:`FusedDecodeStep.module_threads`
+says how many threads the largest layer would use on the module path, and
+:func:`sparsec.runtime.generate.generate` with ``step="auto"`` keeps the module path when that
+is more than one (``step="fused"`` trades the threads away).
 
     step = fused_step_for(decoder)            # FusedDecodeStep or a str: why not
     step.load_cache(cache, prompt_length)     # the prompt's keys and values from a prefill
@@ -16,7 +19,7 @@ What is checked (:func:`fused_step_for`): a ``LlamaForCausalLM`` (or a subclass)
 MLPs, no attention or MLP bias, a rotary embedding that does not depend on the sequence length,
 and per layer a fused q/k/v kernel, an o_proj kernel, a fused gate/up kernel and a down_proj
 kernel, all bitmask (or dense int8) CPU kernels of one value type that serve batch 1 with the
-vector ``rows`` kernel on one thread and fuse no activation.
+vector ``rows`` kernel.
 """
 
 from __future__ import annotations
@@ -71,8 +74,6 @@ def _layer_impls(layer: nn.Module) -> list[Any] | str:
             return f"its {slot} layer is not a CPU bitmask kernel"
         if impl.plan(1) != ("rows", 1):
             return f"its {slot} layer has no vector batch-1 kernel on this CPU"
-        if len(impl.parts) != 2:
-            return f"its {slot} layer is large enough to run on {len(impl.parts) - 1} threads"
     return impls
 
 
@@ -198,6 +199,8 @@ class FusedDecodeStep:
         self.sxs = np.zeros(1, dtype=np.float64)
         self.f1, self.n1 = f32(1), np.zeros(1, dtype=np.int32)
         self.f2, self.d2 = f32(1, 1), np.zeros((1, 1), dtype=np.float64)
+        #: threads the largest layer runs on when called module by module (the step uses one)
+        self.module_threads = max(len(impl.parts) - 1 for impls in per_layer for impl in impls)
         self.fn = step_function(value_type)
         self.capacity = 0
         self.kc = self.vc = self.cos = self.sin = self.scores = None
