@@ -200,19 +200,37 @@ def test_saving_after_a_fused_decode_still_exports_every_kernel(tmp_path):
     assert report["step"] == "modules" and "decode step could not be compiled here" in report["reason"]
 
 
-def test_auto_keeps_the_threads_of_layers_that_use_several(monkeypatch):
-    """Layers split over two threads on the module path: ``auto`` keeps that path (the step is
-    single-threaded) and says why; ``fused`` runs them on one thread, same tokens."""
+def test_one_two_and_three_threads_give_identical_logits(compiled):
+    """Each thread computes whole rows and whole attention heads with the same code, so the split
+    changes nothing, bit for bit; three threads on this 2-core machine also exercise a thread
+    that owns no key/value group and waits at every barrier for a core."""
+    vt, c, _, _ = compiled
+    decoder = build_decoder(c)
+    seq = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for threads in (1, 2, 3):
+        step = fused_step_for(decoder, threads=threads)
+        assert step.threads == threads
+        runs[threads] = torch.stack([step(int(t), i)[0] for i, t in enumerate(seq)])
+    assert torch.equal(runs[1], runs[2]) and torch.equal(runs[1], runs[3]), vt
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        fused_step_for(decoder, threads=0)
+
+
+def test_default_threads_follow_the_module_path(monkeypatch):
+    """Small layers (one thread each on the module path) give a one-thread step; layers the
+    module path splits over two threads give a two-thread step."""
     from sparsec.codegen.cpu.kernel import CpuLinearKernel
 
-    monkeypatch.setenv("SPARSEC_NUM_THREADS", "2")
-    monkeypatch.setattr(CpuLinearKernel, "PARALLEL_MIN_WEIGHTS", 1)
     model = _model()
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
-    c = sparsec.compile(model, {"input_ids": ids}, "prune-magnitude{sparsity=0.6},lower-cpu{value_type=int8}")
-    step = fused_step_for(build_decoder(c))
-    assert isinstance(step, FusedDecodeStep) and step.module_threads == 2
-    auto = generate(c, None, ids[0], 16, stop_at_eos=False)
-    assert auto.step == "modules" and "run on 2 threads there and the fused step on one" in auto.step_reason
-    fused = generate(c, None, ids[0], 16, stop_at_eos=False, step="fused")
-    assert fused.step == "fused" and torch.equal(fused.tokens, auto.tokens)
+    pipeline = "prune-magnitude{sparsity=0.6},lower-cpu{value_type=int8}"
+    monkeypatch.setenv("SPARSEC_NUM_THREADS", "2")
+    small = fused_step_for(build_decoder(sparsec.compile(model, {"input_ids": ids}, pipeline)))
+    monkeypatch.setattr(CpuLinearKernel, "PARALLEL_MIN_WEIGHTS", 1)
+    c = sparsec.compile(model, {"input_ids": ids}, pipeline)
+    large = fused_step_for(build_decoder(c))
+    assert (small.threads, large.threads) == (1, 2)
+    fused = generate(c, None, ids[0], 16, stop_at_eos=False)
+    modules = generate(c, None, ids[0], 16, stop_at_eos=False, step="modules")
+    assert fused.step == "fused" and torch.equal(fused.tokens, modules.tokens)

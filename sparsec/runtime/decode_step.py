@@ -6,10 +6,8 @@ layer can run inside the generated step of :mod:`sparsec.codegen.cpu.decoder`, r
 :class:`FusedDecodeStep` that keeps its own KV cache and computes a token's logits with one Numba
 dispatch for all the decoder layers plus one call of ``lm_head``. When a model cannot (another
 architecture, a layer kept dense, kernels of two value types) it says why, and generation keeps
-the module-by-module path. The step runs on one thread: :attr:`FusedDecodeStep.module_threads`
-says how many threads the largest layer would use on the module path, and
-:func:`sparsec.runtime.generate.generate` with ``step="auto"`` keeps the module path when that
-is more than one (``step="fused"`` trades the threads away).
+the module-by-module path. The step runs on several threads inside the one call where the
+model's layers are large enough for the module path to split them (:func:`fused_step_for`).
 
     step = fused_step_for(decoder)            # FusedDecodeStep or a str: why not
     step.load_cache(cache, prompt_length)     # the prompt's keys and values from a prefill
@@ -24,6 +22,9 @@ vector ``rows`` kernel.
 
 from __future__ import annotations
 
+import atexit
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -77,15 +78,21 @@ def _layer_impls(layer: nn.Module) -> list[Any] | str:
     return impls
 
 
-def fused_step_for(decoder: nn.Module) -> FusedDecodeStep | str:
-    """A :class:`FusedDecodeStep` for ``decoder``, or a one-line reason why this decoder has to
-    run module by module. Kept on the decoder while the modules it was built from stay in place
-    (a caller that swaps layers in and out, as the benchmarks do, gets a step for what is there)."""
-    key = _modules_key(decoder)
+def fused_step_for(decoder: nn.Module, threads: int | None = None) -> FusedDecodeStep | str:
+    """A :class:`FusedDecodeStep` for ``decoder`` on ``threads`` threads, or a one-line reason
+    why this decoder has to run module by module. By default the step uses as many threads as
+    the module path gives its largest layer: all the kernels' threads for layers of
+    ``CpuLinearKernel.PARALLEL_MIN_WEIGHTS`` weights and more, one for a model of small layers
+    (SmolLM2's), where meeting at five barriers a layer costs more than the split saves. Kept on the
+    decoder while the modules it was built from stay in place (a caller that swaps layers in and
+    out, as the benchmarks do, gets a step for what is there)."""
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads}")
+    key = (_modules_key(decoder), threads)
     cached = decoder.__dict__.get("_sparsec_fused_step")
     if cached is not None and cached[0] == key:
         return cached[1]
-    result = _build(decoder)
+    result = _build(decoder, threads)
     decoder.__dict__["_sparsec_fused_step"] = (key, result)
     return result
 
@@ -104,7 +111,7 @@ def _modules_key(decoder: nn.Module) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _build(decoder: nn.Module) -> FusedDecodeStep | str:
+def _build(decoder: nn.Module, threads: int | None) -> FusedDecodeStep | str:
     from transformers import LlamaForCausalLM
 
     if not isinstance(decoder, LlamaForCausalLM):
@@ -131,9 +138,11 @@ def _build(decoder: nn.Module) -> FusedDecodeStep | str:
     if len(types) != 1:
         return f"its layers mix value types ({', '.join(sorted(types))})"
     vt = types.pop()
+    if threads is None:
+        threads = max(len(impl.parts) - 1 for impls in per_layer for impl in impls)
     try:
         # compile (or load from Numba's disk cache) and run once now, so a failure shows here
-        step = FusedDecodeStep(decoder, per_layer, vt)
+        step = FusedDecodeStep(decoder, per_layer, vt, threads)
         step.hidden_state(0, 0)
     except Exception as exc:  # noqa: BLE001 - any failure means: decode by module, and say why
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -150,11 +159,16 @@ class FusedDecodeStep:
 
     Holds references to the decoder's kernel arrays (no copy of the packed weights), float32
     copies of its norms and embedding, and its own KV cache ``[layers, kv_heads, capacity,
-    head_dim]``, grown by doubling. Not thread-safe: one generation at a time.
+    head_dim]``, grown by doubling. The step runs on ``threads`` threads at once, each computing
+    its share of every layer's rows (balanced by kept values) and of the key/value head groups;
+    they meet at a barrier five times a layer. Not thread-safe: one generation at a time.
     """
 
-    def __init__(self, decoder: nn.Module, per_layer: list[list[Any]], value_type: str) -> None:
+    def __init__(self, decoder: nn.Module, per_layer: list[list[Any]], value_type: str, threads: int = 1) -> None:
         from numba.typed import List
+
+        from sparsec.codegen.cpu.partition import balanced_row_split
+        from sparsec.codegen.cpu.sync import LINE
 
         config = decoder.config
         body = decoder.model
@@ -165,6 +179,8 @@ class FusedDecodeStep:
         self.hidden = int(config.hidden_size)
         self.head_dim = int(getattr(config, "head_dim", None) or self.hidden // self.heads)
         self.layers = len(per_layer)
+        self.threads = max(1, int(threads))
+        T = self.threads
         self.eps = float(body.norm.variance_epsilon)
         self.embed = _float32(body.embed_tokens.weight)
         self.norm1 = _float32(torch.stack([layer.input_layernorm.weight for layer in body.layers]))
@@ -172,35 +188,43 @@ class FusedDecodeStep:
         self.norm_f = _float32(body.norm.weight)
         self.lm_head = decoder.lm_head
         lists = {name: List() for name in ("vals", "bm", "offs", "scales", "bias", "rowsum")}
-        meta = []
+        meta, bounds = [], []
         for impls in per_layer:
             for impl in impls:
                 for name, arr in zip(("vals", "bm", "offs", "scales", "bias", "rowsum"),
                                      (impl.vals, impl.bm, impl.offs, impl.scales, impl.k._bias_np, impl.rowsum)):
                     lists[name].append(arr)
-                meta.append((impl.k.rows, impl.k.cols, impl.nbytes, impl.gstride, impl.gs, impl.nfull_w,
+                rows, cols = impl.k.rows, impl.k.cols
+                meta.append((rows, cols, impl.nbytes, impl.gstride, impl.gs, impl.nfull_w,
                              impl.tail_w, impl.nfull_16, impl.tail_16, impl.cap, impl.actc))
+                nnz = rows * cols if impl.dense else int(impl.k.packed.nnz)
+                counts = np.diff(np.append(impl.offs[:rows], nnz))
+                bounds.append(balanced_row_split(counts, T, row_cost=cols / 64.0))
         self.lists = lists
         self.meta = np.array(meta, dtype=np.int64)
+        self.bounds = np.array(bounds, dtype=np.int64)
+        self.groups = (np.arange(T + 1, dtype=np.int64) * self.kv_heads) // T
         first = per_layer[0]
+        if any(tuple(self.meta[i, :2]) != tuple(self.meta[i % 4, :2]) for i in range(len(meta))):
+            raise ValueError("the decoder layers differ in shape")
         qkv_rows, gu_rows = first[0].k.rows, first[2].k.rows
         qd, kvd = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if qkv_rows != qd + 2 * kvd or first[1].k.cols != qd or gu_rows % 2:
             raise ValueError("the fused q/k/v kernel does not match the attention heads of the config")
         inter = gu_rows // 2
         f32 = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
-        self.h, self.out = f32(self.hidden), f32(self.hidden)
-        self.xn, self.att, self.mlp_in = f32(1, self.hidden), f32(1, qd), f32(1, inter)
+        # shared: the layers' outputs and the attention output; per thread: everything else
         self.y = (f32(1, qkv_rows), f32(1, self.hidden), f32(1, gu_rows), f32(1, self.hidden))
+        self.att, self.out = f32(1, qd), f32(self.hidden)
+        self.h, self.xn, self.mlp_in = f32(T, self.hidden), f32(T, 1, self.hidden), f32(T, 1, inter)
         # x in chunk order, exactly one padded row per input width (the kernels read its length)
-        self.xa = tuple(f32((impl.nfull_w + (1 if impl.tail_w else 0)) * impl.W) for impl in first)
+        self.xa = tuple(f32(T, (impl.nfull_w + (1 if impl.tail_w else 0)) * impl.W) for impl in first)
         widest = max(int(self.meta[:, 1].max()), 1)
-        self.xq = np.zeros(3 * (widest + 64) * 2, dtype=np.uint8)
-        self.sxs = np.zeros(1, dtype=np.float64)
+        self.xq = np.zeros((T, 6 * (widest + 64)), dtype=np.uint8)
+        self.sxs = np.zeros((T, 1), dtype=np.float64)
         self.f1, self.n1 = f32(1), np.zeros(1, dtype=np.int32)
         self.f2, self.d2 = f32(1, 1), np.zeros((1, 1), dtype=np.float64)
-        #: threads the largest layer runs on when called module by module (the step uses one)
-        self.module_threads = max(len(impl.parts) - 1 for impls in per_layer for impl in impls)
+        self.arrive = np.zeros(T * LINE, dtype=np.int64)
         self.fn = step_function(value_type)
         self.capacity = 0
         self.kc = self.vc = self.cos = self.sin = self.scores = None
@@ -208,7 +232,8 @@ class FusedDecodeStep:
 
     def __repr__(self) -> str:
         return (f"FusedDecodeStep({self.layers} layers, {self.value_type} kernels, "
-                f"{self.heads}/{self.kv_heads} heads of {self.head_dim}, cache {self.capacity})")
+                f"{self.heads}/{self.kv_heads} heads of {self.head_dim}, {self.threads} threads, "
+                f"cache {self.capacity})")
 
     def _grow(self, need: int) -> None:
         """Make room for positions ``< need``: caches, rotary tables and scores double in size."""
@@ -226,7 +251,7 @@ class FusedDecodeStep:
             probe = torch.zeros(1, dtype=torch.float32)
             cos, sin = rotary(probe, torch.arange(cap)[None])
         self.cos, self.sin = _float32(cos[0]), _float32(sin[0])
-        self.scores = np.zeros(cap, dtype=np.float32)
+        self.scores = np.zeros((self.threads, cap), dtype=np.float32)
         self.capacity = cap
 
     def load_cache(self, cache: Any, length: int) -> None:
@@ -246,14 +271,41 @@ class FusedDecodeStep:
         self._grow(position + 1)
         L = self.lists
         y_qkv, y_o, y_gu, y_down = self.y
-        self.fn(token, position, self.embed, self.norm1, self.norm2, self.norm_f, self.eps, self.cos, self.sin,
-                self.kc, self.vc, self.heads, self.kv_heads,
-                L["vals"], L["bm"], L["offs"], L["scales"], L["bias"], L["rowsum"], self.meta,
-                self.h, self.xn, y_qkv, y_o, y_gu, self.mlp_in, y_down, self.att, *self.xa,
+        self.arrive[:] = 0
+        args = (self.threads, self.arrive, token, position, self.embed, self.norm1, self.norm2, self.norm_f,
+                self.eps, self.cos, self.sin, self.kc, self.vc, self.heads, self.kv_heads,
+                L["vals"], L["bm"], L["offs"], L["scales"], L["bias"], L["rowsum"], self.meta, self.bounds,
+                self.groups, self.h, self.xn, y_qkv, y_o, y_gu, self.mlp_in, y_down, self.att, *self.xa,
                 self.xq, self.sxs, self.f1, self.f2, self.d2, self.n1, self.scores, self.out)
+        if self.threads == 1:
+            self.fn(0, *args)
+        else:
+            # every thread runs the whole step on its share, all at once: they wait for each
+            # other at barriers, so each needs a thread of its own (never a queue slot)
+            pool = _step_pool(self.threads - 1)
+            futures = [pool.submit(self.fn, t, *args) for t in range(1, self.threads)]
+            try:
+                self.fn(0, *args)
+            finally:
+                for f in futures:
+                    f.result()
         return self.out
 
     def __call__(self, token: int, position: int) -> torch.Tensor:
         """Logits (float32 ``[1, vocab]``) of ``token`` at ``position``."""
         h = torch.from_numpy(self.hidden_state(token, position))[None]
         return self.lm_head(h).float()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _step_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of exactly ``workers`` threads kept for decode steps (one per worker count)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparsec-step")
+            atexit.register(pool.shutdown, wait=False)
+        return pool

@@ -372,11 +372,10 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
     reproducibly for a given ``seed``. ``stream(piece)`` receives each new piece of text as it is
     decoded (a list of pieces for a batch). ``stop_at_eos``: stop a row at the model's end token.
     ``step``: ``"fused"`` runs each decode step of a single prompt as one compiled call over all
-    decoder layers on one thread (:mod:`sparsec.runtime.decode_step`; an error if the model
-    cannot), ``"modules"`` through the Hugging Face layers kernel by kernel, ``"auto"`` fused
-    where the model allows and no layer would use several threads on the module path (the
-    result's ``step`` and ``step_reason`` say which ran and why). The prompt is always
-    prefilled through the modules. Nothing of ``model`` or ``prompt`` is modified.
+    decoder layers (:mod:`sparsec.runtime.decode_step`; an error if the model cannot),
+    ``"modules"`` through the Hugging Face layers kernel by kernel, ``"auto"`` fused where the
+    model allows (the result's ``step`` and ``step_reason`` say which ran and why). The prompt
+    is always prefilled through the modules. Nothing of ``model`` or ``prompt`` is modified.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -399,9 +398,6 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[str] | torch.Tensor,
         from sparsec.runtime.decode_step import fused_step_for
 
         found_step = fused_step_for(decoder) if ids.shape[0] == 1 and mask is None else "a batch of prompts"
-        if step == "auto" and not isinstance(found_step, str) and found_step.module_threads > 1:
-            found_step = (f"its layers run on {found_step.module_threads} threads there and the fused step on one "
-                          f"(step='fused' uses it anyway)")
         if isinstance(found_step, str):
             step_reason = f"the decode step runs by module: {found_step}"
             if step == "fused":

@@ -27,7 +27,7 @@ from sparsec.codegen.cpu.host import host_features
 
 _MODULES: dict[str, ModuleType] = {}
 #: the files whose text decides what generated kernels compile to
-_GENERATOR_FILES = ("bitmask.py", "loops.py", "simd.py", "host.py", "codecache.py")
+_GENERATOR_FILES = ("bitmask.py", "loops.py", "simd.py", "host.py", "codecache.py", "sync.py")
 _LOCK = threading.Lock()
 
 

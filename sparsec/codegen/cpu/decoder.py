@@ -24,6 +24,15 @@ lays them out):
   ``lm_head`` (any kernel or dense layer) to it;
 * scratch: the remaining buffers, sized by the caller; nothing is allocated in the step.
 
+Threads: ``threads`` callers run ``step`` at once with ``t = 0 .. threads-1``. Thread ``t``
+computes rows ``bounds[4*layer + slot, t] : bounds[..., t+1]`` of every linear layer and the
+attention of key/value groups ``groups[t] : groups[t+1]``, writes them into the shared outputs,
+and meets the others (:func:`.sync.barrier` on ``arrive``, zeroed before the call) after each
+shared output: q/k/v, attention, o, gate/up, down. Everything else (the residual stream, the
+norms, laying out a layer's input, SiLU) each thread computes itself into its own buffers (the
+``*_all`` arrays, first index ``t``): the same operations in the same order, so every thread's
+copy is the same and the result does not depend on the number of threads, bit for bit.
+
 Numerics follow the eager model in float32 (norm statistics and softmax sums in float64); the
 kernels are the same ones the per-module path calls, so a compiled step differs from eager
 PyTorch only by float32 rounding order.
@@ -50,6 +59,7 @@ from numba import njit
 
 from {kernel_module} import rows_1
 from sparsec.codegen.cpu.bitmask import arrange_chunks, quantize_x24, split_bf16
+from sparsec.codegen.cpu.sync import barrier
 
 W = {W}
 G = {G}
@@ -57,7 +67,9 @@ MODE = {mode}  # 0: 24-bit fixed-point x (int8/int4), 1: two bf16 halves, 2: x i
 
 
 @njit(nogil=True, cache=True)
-def linear(x, y, vals, bm, offs, scales, bias, rowsum, m, xa, xq, sxs, f1, f2, d2, n1):
+def linear(x, y, r0, r1, t, vals, bm, offs, scales, bias, rowsum, m, xa, xq, sxs, f1, f2, d2, n1):
+    """Rows ``r0:r1`` of ``y = act(x @ W^T + b)`` (batch 1) by the layer's ``rows`` kernel; lays
+    ``x`` out first, into this thread's own buffers."""
     # int64 values, not literal constants: the kernel is then called with the very signature
     # Python calls it with (one compiled copy, exported to artifacts as it is)
     zero = np.int64(0)
@@ -77,7 +89,7 @@ def linear(x, y, vals, bm, offs, scales, bias, rowsum, m, xa, xq, sxs, f1, f2, d
     else:
         xstride = nch * W
         arrange_chunks(x, xa, np.int64(W), np.int64(G), one)
-    rows_1(zero, m[0], zero, one, vals, bm, m[2], offs, scales, m[3], m[4], bias, m[10], m[5], m[6], m[7], m[8],
+    rows_1(r0, r1, t, one, vals, bm, m[2], offs, scales, m[3], m[4], bias, m[10], m[5], m[6], m[7], m[8],
            m[9], rowsum, y, xa, xstride, f1, zero, f2, d2, xq, xqstride, limb, sxs, n1, f1, f1)
 
 
@@ -120,10 +132,22 @@ def attend(q, kc, vc, n, scale, scores, out):
 
 
 @njit(nogil=True, cache=True)
-def step(token, pos, embed, norm1, norm2, norm_f, eps, cos, sin, kc, vc, heads, kv_heads,
-         vals, bms, offs, scales, biases, rowsums, meta,
-         h, xn, y_qkv, y_o, y_gu, mlp_in, y_down, att, xa_qkv, xa_o, xa_gu, xa_down,
-         xq, sxs, f1, f2, d2, n1, scores, out):
+def step(t, threads, arrive, token, pos, embed, norm1, norm2, norm_f, eps, cos, sin, kc, vc, heads, kv_heads,
+         vals, bms, offs, scales, biases, rowsums, meta, bounds, groups,
+         h_all, xn_all, y_qkv, y_o, y_gu, mlp_all, y_down, att, xa_qkv_all, xa_o_all, xa_gu_all, xa_down_all,
+         xq_all, sxs_all, f1, f2, d2, n1, scores_all, out):
+    # thread t's own buffers; every thread keeps the same residual stream h (same operations in
+    # the same order, so the copies stay equal) and meets the others after each shared output
+    h = h_all[t]
+    xn = xn_all[t]
+    mlp_in = mlp_all[t]
+    xq = xq_all[t]
+    sxs = sxs_all[t]
+    scores = scores_all[t]
+    xa_qkv = xa_qkv_all[t]
+    xa_o = xa_o_all[t]
+    xa_gu = xa_gu_all[t]
+    xa_down = xa_down_all[t]
     layers = norm1.shape[0]
     hidden = h.shape[0]
     D = kc.shape[3]
@@ -131,47 +155,64 @@ def step(token, pos, embed, norm1, norm2, norm_f, eps, cos, sin, kc, vc, heads, 
     rep = heads // kv_heads
     scale = np.float32(1.0 / math.sqrt(D))
     inter = mlp_in.shape[1]
+    meeting = 0
     for i in range(hidden):
         h[i] = embed[token, i]
     qkv = y_qkv[0]
+    koff = heads * D
+    voff = koff + kv_heads * D
     for l in range(layers):
         s = 4 * l
         rms_norm(h, norm1[l], eps, xn[0])
-        linear(xn, y_qkv, vals[s], bms[s], offs[s], scales[s], biases[s], rowsums[s], meta[s],
-               xa_qkv, xq, sxs, f1, f2, d2, n1)
-        # rotary embedding of the q and k heads (they sit back to back), rotate_half convention
-        for hh in range(heads + kv_heads):
-            base = hh * D
-            for d in range(half):
-                a = qkv[base + d]
-                b = qkv[base + d + half]
-                qkv[base + d] = a * cos[pos, d] - b * sin[pos, d]
-                qkv[base + d + half] = b * cos[pos, d + half] + a * sin[pos, d + half]
-        koff = heads * D
-        voff = koff + kv_heads * D
-        for g in range(kv_heads):
+        linear(xn, y_qkv, bounds[s, t], bounds[s, t + 1], t, vals[s], bms[s], offs[s], scales[s], biases[s],
+               rowsums[s], meta[s], xa_qkv, xq, sxs, f1, f2, d2, n1)
+        meeting += 1
+        barrier(arrive, t, threads, meeting)
+        # this thread's key/value groups: rotary embedding (rotate_half convention) of their k
+        # heads and q heads, the cache append, attention of their q heads
+        for g in range(groups[t], groups[t + 1]):
+            for hh in range(heads + g, heads + g + 1):
+                base = hh * D
+                for d in range(half):
+                    a = qkv[base + d]
+                    b = qkv[base + d + half]
+                    qkv[base + d] = a * cos[pos, d] - b * sin[pos, d]
+                    qkv[base + d + half] = b * cos[pos, d + half] + a * sin[pos, d + half]
             for d in range(D):
                 kc[l, g, pos, d] = qkv[koff + g * D + d]
                 vc[l, g, pos, d] = qkv[voff + g * D + d]
-        for hh in range(heads):
-            g = hh // rep
-            attend(qkv[hh * D:(hh + 1) * D], kc[l, g], vc[l, g], pos + 1, scale, scores,
-                   att[0, hh * D:(hh + 1) * D])
-        linear(att, y_o, vals[s + 1], bms[s + 1], offs[s + 1], scales[s + 1], biases[s + 1], rowsums[s + 1],
-               meta[s + 1], xa_o, xq, sxs, f1, f2, d2, n1)
+            for hh in range(g * rep, (g + 1) * rep):
+                base = hh * D
+                for d in range(half):
+                    a = qkv[base + d]
+                    b = qkv[base + d + half]
+                    qkv[base + d] = a * cos[pos, d] - b * sin[pos, d]
+                    qkv[base + d + half] = b * cos[pos, d + half] + a * sin[pos, d + half]
+                attend(qkv[base:base + D], kc[l, g], vc[l, g], pos + 1, scale, scores, att[0, base:base + D])
+        meeting += 1
+        barrier(arrive, t, threads, meeting)
+        linear(att, y_o, bounds[s + 1, t], bounds[s + 1, t + 1], t, vals[s + 1], bms[s + 1], offs[s + 1],
+               scales[s + 1], biases[s + 1], rowsums[s + 1], meta[s + 1], xa_o, xq, sxs, f1, f2, d2, n1)
+        meeting += 1
+        barrier(arrive, t, threads, meeting)
         for i in range(hidden):
             h[i] += y_o[0, i]
         rms_norm(h, norm2[l], eps, xn[0])
-        linear(xn, y_gu, vals[s + 2], bms[s + 2], offs[s + 2], scales[s + 2], biases[s + 2], rowsums[s + 2],
-               meta[s + 2], xa_gu, xq, sxs, f1, f2, d2, n1)
+        linear(xn, y_gu, bounds[s + 2, t], bounds[s + 2, t + 1], t, vals[s + 2], bms[s + 2], offs[s + 2],
+               scales[s + 2], biases[s + 2], rowsums[s + 2], meta[s + 2], xa_gu, xq, sxs, f1, f2, d2, n1)
+        meeting += 1
+        barrier(arrive, t, threads, meeting)
         for i in range(inter):
             gate = y_gu[0, i]
             mlp_in[0, i] = gate / (np.float32(1.0) + np.float32(math.exp(-gate))) * y_gu[0, inter + i]
-        linear(mlp_in, y_down, vals[s + 3], bms[s + 3], offs[s + 3], scales[s + 3], biases[s + 3],
-               rowsums[s + 3], meta[s + 3], xa_down, xq, sxs, f1, f2, d2, n1)
+        linear(mlp_in, y_down, bounds[s + 3, t], bounds[s + 3, t + 1], t, vals[s + 3], bms[s + 3], offs[s + 3],
+               scales[s + 3], biases[s + 3], rowsums[s + 3], meta[s + 3], xa_down, xq, sxs, f1, f2, d2, n1)
+        meeting += 1
+        barrier(arrive, t, threads, meeting)
         for i in range(hidden):
             h[i] += y_down[0, i]
-    rms_norm(h, norm_f, eps, out)
+    if t == 0:
+        rms_norm(h, norm_f, eps, out)
 '''
 
 
