@@ -217,20 +217,14 @@ def test_one_two_and_three_threads_give_identical_logits(compiled):
         fused_step_for(decoder, threads=0)
 
 
-def test_default_threads_follow_the_module_path(monkeypatch):
-    """Small layers (one thread each on the module path) give a one-thread step; layers the
-    module path splits over two threads give a two-thread step."""
-    from sparsec.codegen.cpu.kernel import CpuLinearKernel
-
-    model = _model()
-    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
-    pipeline = "prune-magnitude{sparsity=0.6},lower-cpu{value_type=int8}"
-    monkeypatch.setenv("SPARSEC_NUM_THREADS", "2")
-    small = fused_step_for(build_decoder(sparsec.compile(model, {"input_ids": ids}, pipeline)))
-    monkeypatch.setattr(CpuLinearKernel, "PARALLEL_MIN_WEIGHTS", 1)
-    c = sparsec.compile(model, {"input_ids": ids}, pipeline)
-    large = fused_step_for(build_decoder(c))
-    assert (small.threads, large.threads) == (1, 2)
-    fused = generate(c, None, ids[0], 16, stop_at_eos=False)
-    modules = generate(c, None, ids[0], 16, stop_at_eos=False, step="modules")
+def test_default_threads_are_the_kernels_threads(compiled, monkeypatch):
+    """``SPARSEC_NUM_THREADS`` (the kernels' thread count) sets the step's, small layers or not."""
+    _, c, _, ids = compiled
+    decoder = build_decoder(c)
+    for n in (1, 2):
+        monkeypatch.setenv("SPARSEC_NUM_THREADS", str(n))
+        step = fused_step_for(decoder)
+        assert isinstance(step, FusedDecodeStep) and step.threads == n
+    fused = generate(c, None, ids, 16, stop_at_eos=False)
+    modules = generate(c, None, ids, 16, stop_at_eos=False, step="modules")
     assert fused.step == "fused" and torch.equal(fused.tokens, modules.tokens)

@@ -6,8 +6,8 @@ layer can run inside the generated step of :mod:`sparsec.codegen.cpu.decoder`, r
 :class:`FusedDecodeStep` that keeps its own KV cache and computes a token's logits with one Numba
 dispatch for all the decoder layers plus one call of ``lm_head``. When a model cannot (another
 architecture, a layer kept dense, kernels of two value types) it says why, and generation keeps
-the module-by-module path. The step runs on several threads inside the one call where the
-model's layers are large enough for the module path to split them (:func:`fused_step_for`).
+the module-by-module path. The step runs on the kernels' threads, all inside the one call
+(:func:`fused_step_for`).
 
     step = fused_step_for(decoder)            # FusedDecodeStep or a str: why not
     step.load_cache(cache, prompt_length)     # the prompt's keys and values from a prefill
@@ -80,13 +80,17 @@ def _layer_impls(layer: nn.Module) -> list[Any] | str:
 
 def fused_step_for(decoder: nn.Module, threads: int | None = None) -> FusedDecodeStep | str:
     """A :class:`FusedDecodeStep` for ``decoder`` on ``threads`` threads, or a one-line reason
-    why this decoder has to run module by module. By default the step uses as many threads as
-    the module path gives its largest layer: all the kernels' threads for layers of
-    ``CpuLinearKernel.PARALLEL_MIN_WEIGHTS`` weights and more, one for a model of small layers
-    (SmolLM2's), where meeting at five barriers a layer costs more than the split saves. Kept on the
+    why this decoder has to run module by module. By default the step uses the kernels' threads
+    (:func:`sparsec.codegen.cpu.threads.cpu_threads`), also for a model of small layers that the
+    module path runs on one thread each: there a second thread is woken for every call (20-30 us),
+    here once a token, and meeting at a barrier costs about 0.35 us (measured on 2 idle Zen 4
+    cores: SmolLM2's 30 layers in 3.9 ms on two threads against 6.6 ms on one). Kept on the
     decoder while the modules it was built from stay in place (a caller that swaps layers in and
     out, as the benchmarks do, gets a step for what is there)."""
-    if threads is not None and int(threads) < 1:
+    from sparsec.codegen.cpu.threads import cpu_threads
+
+    threads = cpu_threads() if threads is None else int(threads)
+    if threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads}")
     key = (_modules_key(decoder), threads)
     cached = decoder.__dict__.get("_sparsec_fused_step")
@@ -111,7 +115,7 @@ def _modules_key(decoder: nn.Module) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _build(decoder: nn.Module, threads: int | None) -> FusedDecodeStep | str:
+def _build(decoder: nn.Module, threads: int) -> FusedDecodeStep | str:
     from transformers import LlamaForCausalLM
 
     if not isinstance(decoder, LlamaForCausalLM):
@@ -138,8 +142,6 @@ def _build(decoder: nn.Module, threads: int | None) -> FusedDecodeStep | str:
     if len(types) != 1:
         return f"its layers mix value types ({', '.join(sorted(types))})"
     vt = types.pop()
-    if threads is None:
-        threads = max(len(impl.parts) - 1 for impls in per_layer for impl in impls)
     try:
         # compile (or load from Numba's disk cache) and run once now, so a failure shows here
         step = FusedDecodeStep(decoder, per_layer, vt, threads)
