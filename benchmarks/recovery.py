@@ -14,6 +14,7 @@ The experiment of Kurtic et al. (2023), scaled to what a CPU finishes in about a
 
     python benchmarks/recovery.py                          # the whole table, ~1 h on 2 cores
     python benchmarks/recovery.py --steps 4 --teacher-steps 2 --sparsities 0.5 --eval-windows 4
+    python benchmarks/recovery.py --train-windows 64 --steps 160   # 5 epochs over 8,192 tokens
 
 Results go to ``--out`` (default ``benchmarks/results/recovery``): ``results.jsonl`` (one line per
 measurement, appended as it completes, so an interrupted run keeps what it finished and a rerun
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration", type=int, default=16,
                    help="SparseGPT calibration windows (default: %(default)s)")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows (default: %(default)s)")
+    p.add_argument("--train-windows", type=int, default=None, metavar="N",
+                   help="fine-tune the students on only the first N train windows of --seq-len tokens, "
+                        "cycled for as many epochs as --steps x --batch needs (default: every window; "
+                        "the teacher always uses every window)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training (evaluation is fp32)")
     # On a CPU shared with other work, one thread per process ran a training step 3-5x faster than
     # two contending threads (measured here: 10 s vs 35-50 s for 2 x 128 tokens with a teacher).
@@ -87,10 +92,13 @@ def settings_key(args: argparse.Namespace, only: tuple[str, ...] | None = None) 
     keep = {k: v for k, v in vars(args).items() if k not in skip and (only is None or k in only)}
     if keep.get("device") == "cpu":  # runs from before the option existed were all on the CPU
         del keep["device"]
+    if keep.get("train_windows") is None:  # every window, as before the option existed
+        keep.pop("train_windows", None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
 #: what the tuned teacher depends on; the pruned students add the pruner and its calibration
+#: (neither depends on --train-windows, which limits only the students' fine-tuning data)
 TEACHER_SETTINGS = ("seq_len", "batch", "teacher_steps", "teacher_lr", "warmup", "bf16", "seed")
 PRUNED_SETTINGS = TEACHER_SETTINGS + ("pruner", "calibration")
 
@@ -178,6 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     train = token_windows(tok, "train", seq_len=args.seq_len)  # every non-overlapping train window
     calib = token_windows(tok, "train", seq_len=args.seq_len, count=args.calibration, seed=args.seed + 1)
     heldout = heldout_windows(tok, seq_len=args.seq_len, windows=args.eval_windows)
+    # the students' fine-tuning data: the first --train-windows windows (in order), or all of them;
+    # the trainer reads it as an endless stream of epochs, each a fresh permutation
+    if args.train_windows is not None and not 1 <= args.train_windows <= len(train):
+        print(f"recovery: --train-windows must be 1..{len(train)}, got {args.train_windows}", file=sys.stderr)
+        return 2
+    student_train = train if args.train_windows is None else train[: args.train_windows]
+    epochs = args.steps * args.batch / len(student_train)
+    print(f"[recovery] students fine-tune on {len(student_train)} windows x {args.seq_len} tokens "
+          f"({student_train.numel():,} tokens): {args.steps} steps x {args.batch} = {epochs:.3g} epochs",
+          flush=True)
     example = train[:2].clone()
     base = capture(model, {"input_ids": example})
     teacher = DistillModel(base.graph_module, base.constant_kwargs)
@@ -234,20 +252,24 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             student = copy.deepcopy(pruned)
             t0 = time.perf_counter()
-            history = finetune(student, teacher if loss != "ce" else None, train,
+            history = finetune(student, teacher if loss != "ce" else None, student_train,
                                config(args.steps, args.lr, **LOSSES[loss]))
             seconds = time.perf_counter() - t0
+            # every loss component of the last step (ce, kl, squarehead: whichever the loss has)
+            final_parts = {k: v for k, v in history[-1].items() if k not in ("step", "lr", "seconds")}
             results.add(name, kind="finetuned", sparsity=sparsity, loss=loss, steps=args.steps,
+                        train_windows=len(student_train), epochs=round(epochs, 4),
                         ppl=ppl(student), seconds=round(seconds, 1), mask_violations=history.mask_violations,
                         final_train_loss=history[-1]["loss"], final_ce=history[-1].get("ce"),
-                        train_ce=[round(r["ce"], 4) for r in history])
+                        final_parts=final_parts, train_ce=[round(r["ce"], 4) for r in history],
+                        train_loss=[round(r["loss"], 4) for r in history])
             del student, history
             release_memory()
     total = time.perf_counter() - t_all
     # the table shows every row of these settings, also those earlier invocations added
     shown_losses = [name for name in LOSSES if any(r.get("loss") == name for r in results.rows.values())]
     shown_sparsities = sorted({r["sparsity"] for r in results.rows.values() if r.get("sparsity")})
-    table = render(results.rows, shown_sparsities, shown_losses, args, hw, total)
+    table = render(results.rows, shown_sparsities, shown_losses, args, hw, total, len(student_train))
     (out / "table.md").write_text(table)
     print(table)
     return 0
@@ -281,14 +303,16 @@ def _load_pruned(dm, state: dict) -> None:
 
 
 def render(rows: dict[str, dict], sparsities: list[float], losses: list[str], args: argparse.Namespace,
-           hw: dict, total: float) -> str:
+           hw: dict, total: float, train_windows: int) -> str:
     def cell(name: str) -> str:
         row = rows.get(name)
         return f"{row['ppl']:.2f}" if row else "-"
 
     lines = [
         f"Held-out perplexity, SmolLM2-135M, {args.pruner} one-shot then {args.steps} steps of fine-tuning "
-        f"(batch {args.batch} x {args.seq_len} tokens, lr {args.lr}, {'bf16' if args.bf16 else 'fp32'}); "
+        f"(batch {args.batch} x {args.seq_len} tokens, lr {args.lr}, {'bf16' if args.bf16 else 'fp32'}) "
+        f"on {'the first ' if args.train_windows is not None else ''}{train_windows} train windows "
+        f"({args.steps * args.batch / train_windows:.3g} epochs); "
         f"{args.eval_windows} held-out windows of {args.seq_len} tokens.",
         "",
         f"dense base model: {cell('dense-base')}; dense teacher ({args.teacher_steps} CE steps): "
