@@ -32,6 +32,10 @@ same prompt ids and number of new tokens as the other rows, greedy, decode steps
 the same clock (the CPU time of the worker process with ``--clock cpu``). Its thread counts come
 from ``--llamacpp-threads``. Without the option these rows are skipped with a note.
 
+At batch 1 :func:`generate` runs each decode step of these Llama-family models as one compiled
+call over all layers (``sparsec/runtime/decode_step.py``) unless told otherwise; ``--steps``
+picks the fused step, the Hugging Face modules, or both (a row each, same packed layers).
+
 Rows are measured in rounds (each round times every variant once) and the median per variant is
 reported, so a burst of load from other processes on a shared machine hits all variants alike;
 compare ratios within one run. Timings: wall clock, decode only (the first token, from the
