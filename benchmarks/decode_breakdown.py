@@ -2,9 +2,12 @@
 
 Times, on the same loaded model and in one process (torch 1 thread, as in ``e2e_decode.py``):
 
-* the whole decode step (``sparsec.runtime.generate.generate``, prefill excluded) with the sparse
-  kernels hosted in the Hugging Face model, and the same loop with every linear layer returning
-  zeros (the floor: the loop, the Hugging Face modules, attention, norms);
+* the fused decode step (``step="fused"``: every layer in one compiled call, then ``lm_head``;
+  on ``SPARSEC_NUM_THREADS`` threads) whole and its layers alone;
+* the whole decode step on the module path (``sparsec.runtime.generate.generate`` with
+  ``step="modules"``, prefill excluded) with the sparse kernels hosted in the Hugging Face model,
+  and the same loop with every linear layer returning zeros (the floor: the loop, the Hugging
+  Face modules, attention, norms);
 * ``lm_head`` (dense fp32) on a decode-shaped input, alone and after that pass of kernels;
 * every kernel module of the step (q/k/v and gate/up fused, as hosted) called once in model
   order on decode-shaped inputs, the weights streaming from memory as in a step, split into: the
@@ -41,6 +44,7 @@ import torch  # noqa: E402
 
 from sparsec.codegen.cpu import kernel as cpu_kernel  # noqa: E402
 from sparsec.runtime.compiled import KernelLinear  # noqa: E402
+from sparsec.runtime.decode_step import fused_step_for  # noqa: E402
 from sparsec.runtime.generate import FusedPart, generate  # noqa: E402
 
 CLOCK = time.process_time
@@ -58,11 +62,11 @@ def per_call(fn, calls: int, blocks: int = 7) -> float:
     return statistics.median(out)
 
 
-def step_ms(model, ids, new_tokens: int, rounds: int) -> float:
-    generate(model, None, ids, 4, stop_at_eos=False)
+def step_ms(model, ids, new_tokens: int, rounds: int, step: str = "modules") -> float:
+    generate(model, None, ids, 4, stop_at_eos=False, step=step)
     out = []
     for _ in range(rounds):
-        r = generate(model, None, ids, new_tokens, stop_at_eos=False)
+        r = generate(model, None, ids, new_tokens, stop_at_eos=False, step=step)
         seconds = r.decode_cpu_seconds if CLOCK is time.process_time else r.decode_seconds
         out.append(1e3 * seconds / (r.steps - 1))
     return statistics.median(out)
@@ -111,6 +115,13 @@ def main() -> None:
                 flo.append(step_ms(m, ids, args.new_tokens, 1))
         res["step_ms"] = statistics.median(full)
         res["floor_ms"] = statistics.median(flo)
+
+        # the same steps as one compiled call over all layers, then lm_head
+        with swap as m:
+            res["fused_step_ms"] = step_ms(m, ids, args.new_tokens, args.rounds, step="fused")
+            fused = fused_step_for(m)
+            res["fused_threads"] = fused.threads
+            res["fused_layers_ms"] = 1e3 * per_call(lambda: fused.hidden_state(1, args.prompt_tokens), 50)
 
         h = torch.randn(1, 1, model.config.hidden_size)
         res["lm_head_ms"] = 1e3 * per_call(lambda: model.lm_head(h), 50)
@@ -206,6 +217,10 @@ def main() -> None:
 
     res["load_average_end"] = os.getloadavg()[0]
     print(f"\nSmolLM2-135M, sparsec {args.sparsity:.0%} {args.values}, batch 1 decode step ({args.clock} clock)")
+    print(f"  fused step, whole                          {res['fused_step_ms']:7.2f} ms "
+          f"({res['fused_threads']} thread{'s' if res['fused_threads'] > 1 else ''})")
+    print(f"    its 30 layers in one call                {res['fused_layers_ms']:7.2f} ms")
+    print("module step (the Hugging Face layers, kernel by kernel):")
     print(f"  whole step                                 {res['step_ms']:7.2f} ms")
     print(f"  floor (every linear layer -> zeros)        {res['floor_ms']:7.2f} ms, "
           f"~{res['floor_torch_ops_per_step']:.0f} torch ops from Python")
