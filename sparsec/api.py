@@ -33,6 +33,7 @@ from sparsec.runtime.compiled import (
     kernel_builder,
     target_device,
 )
+from sparsec.runtime.decode_step import prepare_fused_step
 from sparsec.runtime.generate import model_description
 
 TARGETS = ("cpu", "cuda")
@@ -176,6 +177,11 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
                               constant_kwargs=cap.constant_kwargs, target=target, pipeline=pipe.to_text())
     # the model class and config, so generation can host the kernels in the eager model
     compiled.source_model = model_description(model)
+    # the batch-1 decode step, compiled now so that a saved artifact carries it
+    step = prepare_fused_step(compiled)
+    if step is not None:
+        notes.append("batch-1 decode step: one compiled call a token" if not isinstance(step, str)
+                     else f"batch-1 decode step runs by module: {step}")
     with torch.no_grad():
         out = built.graph_module(*inputs[0], **inputs[1])
     compiled.report = CompileReport(

@@ -124,9 +124,12 @@ def test_manifest_records_versions_kernels_and_checksums(llama_artifact):
     assert [x["format"] for x in manifest["layers"]].count("bitmask") == 14
     kernels = manifest["kernels"]
     assert kernels["mode"] == "object" and kernels["skipped"] == []
-    # the bf16 bitmask kernel module generated for this model, and the functions it exports
-    assert [m["module"].startswith("sparsec_bitmask_bf16_") for m in kernels["generated_modules"].values()] == [True]
+    # the bf16 bitmask kernel module generated for this model and the functions it exports, and
+    # the model's batch-1 decode step (compiled by sparsec.compile for a Llama)
+    modules = sorted(m["module"].rsplit("_", 1)[0] for m in kernels["generated_modules"].values())
+    assert modules == ["sparsec_bitmask_bf16", "sparsec_decoder_bf16"]
     assert sum(k["generated"] == "bitmask_bf16" for k in kernels["kernels"]) >= 2
+    assert [k["qualname"] for k in kernels["kernels"] if k["generated"] == "decoder_bf16"] == ["step"]
     for k in kernels["kernels"]:
         assert f"kernels/{k['object']}" in manifest["files"]
         assert "numba_parallel_for" not in k["undefined"]  # sparsec threads the kernels itself

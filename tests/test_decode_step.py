@@ -51,6 +51,7 @@ def compiled(request):
 
 def test_the_step_is_built_for_a_compiled_llama(compiled):
     vt, c, _, _ = compiled
+    assert "note: batch-1 decode step: one compiled call a token" in c.report.table()
     step = fused_step_for(build_decoder(c))
     assert isinstance(step, FusedDecodeStep), step
     assert step.value_type == vt and step.layers == 3 and (step.heads, step.kv_heads, step.head_dim) == (4, 2, 16)
@@ -126,6 +127,8 @@ def test_a_layer_kept_dense_float_keeps_the_module_path():
     c = sparsec.compile(model, {"input_ids": ids},
                         "prune-magnitude{sparsity=0.6,ignore=*layers.1.mlp.down_proj*},"
                         "select-format{target=cpu},lower-cpu{value_type=fp32}")
+    assert ("note: batch-1 decode step runs by module: decoder layer 1: its down layer is not a CPU bitmask "
+            "kernel") in c.report.table()
     kept = {k.layer: k.packed.format_name for k in c.kernels()}
     assert kept["model.layers.1.mlp.down_proj"] == "dense" and kept["model.layers.0.mlp.down_proj"] == "bitmask"
     before = {n: p.clone() for n, p in model.named_parameters()}
@@ -172,16 +175,18 @@ _LOAD_AND_GENERATE = textwrap.dedent("""
     modules = generate(compiled, None, ids, 12, stop_at_eos=False, step="modules")
     report = {"modules": modules.tokens[0].tolist(), "compiles_by_modules": list(compiles)}
     auto = generate(compiled, None, ids, 12, stop_at_eos=False)
-    report.update(auto=auto.tokens[0].tolist(), step=auto.step, reason=auto.step_reason)
+    report.update(auto=auto.tokens[0].tolist(), step=auto.step, reason=auto.step_reason, compiles=compiles)
     print(json.dumps(report))
 """)
 
 
-def test_saving_after_a_fused_decode_still_exports_every_kernel(tmp_path):
-    """A freshly compiled step links the kernels it calls into its own code; a save made after a
-    fused decode must still carry those kernels for Python callers, so a fresh process that may
-    not compile anything decodes by module, and asked for ``auto`` falls back with a reason. Both
-    processes use an empty kernel cache, so the step is compiled, not loaded from disk."""
+def test_an_artifact_carries_the_step_and_every_kernel(tmp_path):
+    """``sparsec.compile`` compiles the step of a Llama model, and ``sparsec.save`` writes its
+    machine code beside the kernels'. The step links the kernels it calls into its own code; that
+    must not hide those kernels' Python-called signatures from the save. A fresh process that may
+    not compile anything then decodes both ways: by module, and fused with the step linked from
+    the artifact. Both processes start from an empty kernel cache, so everything is compiled
+    (not loaded from disk) where it is saved."""
     env = {**os.environ, "PYTHONPATH": str(Path(sparsec.__file__).parent.parent),
            "SPARSEC_CACHE_DIR": str(tmp_path / "cache")}
     path = tmp_path / "artifact"
@@ -191,13 +196,16 @@ def test_saving_after_a_fused_decode_still_exports_every_kernel(tmp_path):
     assert saved.returncode == 0, saved.stderr[-3000:]
     fused = json.loads(saved.stdout.strip().splitlines()[-1])
     assert fused["step"] == "fused"
+    entries = json.loads((path / "manifest.json").read_text())["kernels"]["kernels"]
+    names = {(e["qualname"], e["generated"]) for e in entries}
+    assert ("step", "decoder_int8") in names and ("rows_1", "bitmask_int8") in names
     proc = run(_LOAD_AND_GENERATE, str(path), json.dumps(fused["ids"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["compiles_by_modules"] == []
+    assert report["compiles_by_modules"] == [] and report["compiles"] == []
     assert report["modules"] == fused["tokens"]
+    assert report["step"] == "fused", report["reason"]
     assert report["auto"] == fused["tokens"]
-    assert report["step"] == "modules" and "decode step could not be compiled here" in report["reason"]
 
 
 def test_one_two_and_three_threads_give_identical_logits(compiled):

@@ -184,12 +184,14 @@ def _umask_permissions(tmp: Path) -> None:
 def _write_kernels(target: str, layers: list[dict], folder: Path) -> dict[str, Any]:
     if target != "cpu":
         return {"mode": "compile", "reason": f"{target} kernels are compiled again when the artifact loads"}
-    from sparsec.codegen.cpu.aot import export_kernels
+    from sparsec.codegen.cpu.aot import DECODER_PREFIX, export_kernels
     from sparsec.codegen.cpu.kernel import kernel_modules
 
     # generated kernel modules are named "<format>_<value type>" (see sparsec.codegen.cpu.codecache);
     # a dense int8 layer also calls the bitmask int8 kernels
     keys = set().union(*(kernel_modules(x["format"], x["value_type"]) for x in layers))
+    # and the batch-1 decode step of each value type, where this process compiled one
+    keys |= {DECODER_PREFIX + k.split("_", 1)[1] for k in keys if k.startswith("bitmask_")}
     section = export_kernels(folder, generated_keys=keys)
     return {"mode": "object", **section}
 

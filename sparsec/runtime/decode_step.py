@@ -78,6 +78,22 @@ def _layer_impls(layer: nn.Module) -> list[Any] | str:
     return impls
 
 
+def prepare_fused_step(compiled: nn.Module) -> FusedDecodeStep | str | None:
+    """Build (and so compile) the fused step of a freshly compiled CPU model of the Llama family,
+    so that an artifact saved from it carries the step's machine code. ``None`` for a model of
+    another kind (nothing built), else what :func:`fused_step_for` returned."""
+    desc = getattr(compiled, "source_model", None) or {}
+    if getattr(compiled, "target", None) != "cpu" or not str(desc.get("class", "")).endswith(":LlamaForCausalLM"):
+        return None
+    from sparsec.runtime.generate import GenerationError, build_decoder
+
+    try:
+        decoder = build_decoder(compiled)
+    except GenerationError as exc:
+        return str(exc)
+    return fused_step_for(decoder)
+
+
 def fused_step_for(decoder: nn.Module, threads: int | None = None) -> FusedDecodeStep | str:
     """A :class:`FusedDecodeStep` for ``decoder`` on ``threads`` threads, or a one-line reason
     why this decoder has to run module by module. By default the step uses the kernels' threads
@@ -167,8 +183,6 @@ class FusedDecodeStep:
     """
 
     def __init__(self, decoder: nn.Module, per_layer: list[list[Any]], value_type: str, threads: int = 1) -> None:
-        from numba.typed import List
-
         from sparsec.codegen.cpu.partition import balanced_row_split
         from sparsec.codegen.cpu.sync import LINE
 
@@ -189,20 +203,25 @@ class FusedDecodeStep:
         self.norm2 = _float32(torch.stack([layer.post_attention_layernorm.weight for layer in body.layers]))
         self.norm_f = _float32(body.norm.weight)
         self.lm_head = decoder.lm_head
-        lists = {name: List() for name in ("vals", "bm", "offs", "scales", "bias", "rowsum")}
+        # the layers' arrays by address (the step views them with numba.carray); self.arrays
+        # keeps every one of them alive for as long as the step can run
+        self.arrays, ptrs, lens = [], [], []
         meta, bounds = [], []
         for impls in per_layer:
             for impl in impls:
-                for name, arr in zip(("vals", "bm", "offs", "scales", "bias", "rowsum"),
-                                     (impl.vals, impl.bm, impl.offs, impl.scales, impl.k._bias_np, impl.rowsum)):
-                    lists[name].append(arr)
+                row = [np.ascontiguousarray(a) for a in (impl.vals, impl.bm, impl.offs, impl.scales,
+                                                         impl.k._bias_np, impl.rowsum)]
+                self.arrays += row
+                ptrs.append([a.ctypes.data for a in row])
+                lens.append([a.size for a in row])
                 rows, cols = impl.k.rows, impl.k.cols
                 meta.append((rows, cols, impl.nbytes, impl.gstride, impl.gs, impl.nfull_w,
                              impl.tail_w, impl.nfull_16, impl.tail_16, impl.cap, impl.actc))
                 nnz = rows * cols if impl.dense else int(impl.k.packed.nnz)
                 counts = np.diff(np.append(impl.offs[:rows], nnz))
                 bounds.append(balanced_row_split(counts, T, row_cost=cols / 64.0))
-        self.lists = lists
+        self.ptrs = np.array(ptrs, dtype=np.int64)
+        self.lens = np.array(lens, dtype=np.int64)
         self.meta = np.array(meta, dtype=np.int64)
         self.bounds = np.array(bounds, dtype=np.int64)
         self.groups = (np.arange(T + 1, dtype=np.int64) * self.kv_heads) // T
@@ -271,12 +290,11 @@ class FusedDecodeStep:
         """The final-normed hidden state (float32 ``[hidden]``, reused by the next call) of
         ``token`` at ``position``; writes its keys and values into the cache at ``position``."""
         self._grow(position + 1)
-        L = self.lists
         y_qkv, y_o, y_gu, y_down = self.y
         self.arrive[:] = 0
         args = (self.threads, self.arrive, token, position, self.embed, self.norm1, self.norm2, self.norm_f,
                 self.eps, self.cos, self.sin, self.kc, self.vc, self.heads, self.kv_heads,
-                L["vals"], L["bm"], L["offs"], L["scales"], L["bias"], L["rowsum"], self.meta, self.bounds,
+                self.ptrs, self.lens, self.meta, self.bounds,
                 self.groups, self.h, self.xn, y_qkv, y_o, y_gu, self.mlp_in, y_down, self.att, *self.xa,
                 self.xq, self.sxs, self.f1, self.f2, self.d2, self.n1, self.scores, self.out)
         if self.threads == 1:

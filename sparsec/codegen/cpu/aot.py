@@ -48,8 +48,10 @@ from typing import Any
 #: version of the ``kernels`` section this module writes and reads.
 AOT_VERSION = 1
 
-#: codecache keys of the generated decode-step modules (:mod:`.decoder`), which are not exported
+#: codecache keys of the generated decode-step modules (:mod:`.decoder`), and the one function
+#: of theirs that Python calls
 DECODER_PREFIX = "decoder_"
+DECODER_ENTRY = "step"
 
 
 class AotError(RuntimeError):
@@ -212,17 +214,20 @@ def _entry_overloads() -> list[tuple[Any, str | None, Any, tuple, Any]]:
                 walk(dep, into)
 
     # A decode step (:mod:`.decoder`) links the kernels it calls into its own code; that must not
-    # hide those kernels' Python-called signatures from export. The step itself is not exported:
-    # generation compiles it (or loads it from Numba's cache) on first use.
-    is_step = {id(d) for _, key, d in found.values() if key is not None and key.startswith(DECODER_PREFIX)}
+    # hide those kernels' Python-called signatures from export. The step is exported as an entry
+    # of its own (its object code carries its private copies of those kernels); the decoder
+    # module's helpers are only ever linked into it.
+    in_decoder = {id(d) for _, key, d in found.values() if key is not None and key.startswith(DECODER_PREFIX)}
     linked: set[int] = set()  # libraries linked into another exported kernel
     in_steps: set[int] = set()  # libraries linked into a decode step
     for _, _, disp in found.values():
         for cres in list(disp.overloads.values()):
-            walk(cres.library, in_steps if id(disp) in is_step else linked)
+            walk(cres.library, in_steps if id(disp) in in_decoder else linked)
     out = []
     for mod, key, disp in found.values():
-        if id(disp) in is_step:
+        if id(disp) in in_decoder:
+            if disp.py_func.__name__ == DECODER_ENTRY:
+                out += [(mod, key, disp, sig, cres) for sig, cres in list(disp.overloads.items())]
             continue
         for sig, cres in list(disp.overloads.items()):
             if id(cres.library) in linked:

@@ -15,9 +15,10 @@ lays them out):
 * in: the token id, its position ``pos`` (the cache holds ``pos`` earlier tokens), the embedding
   table ``[vocab, hidden]``, norm weights ``[layers, hidden]`` (twice) and ``[hidden]``, ``eps``,
   rotary tables ``cos``/``sin`` ``[positions, head_dim]`` (Hugging Face's, ``rotate_half``
-  convention), the four linear layers of every layer as typed lists of their bitmask arrays
-  (index ``4*layer + slot``; slots: fused q/k/v, o, fused gate/up, down) and a ``meta`` table
-  of their shapes and chunk counts (:data:`META_FIELDS`);
+  convention), the four linear layers of every layer (index ``4*layer + slot``; slots: fused
+  q/k/v, o, fused gate/up, down) as tables of the addresses and lengths of their bitmask arrays
+  (``ptrs``/``lens`` ``[4*layers, 6]``, columns :data:`ARRAY_FIELDS`) and a ``meta`` table of
+  their shapes and chunk counts (:data:`META_FIELDS`);
 * in/out: the key and value caches ``[layers, kv_heads, capacity, head_dim]``: position ``pos``
   is written, positions ``< pos`` are read;
 * out: ``out`` (float32 ``[hidden]``), the final-normed hidden state; the caller applies
@@ -47,6 +48,9 @@ from sparsec.codegen.cpu.codecache import generated_module
 #: columns of the per-linear ``meta`` rows, in order (int64 each)
 META_FIELDS = ("rows", "cols", "nbytes", "gstride", "gs", "nfull", "tailbytes", "nfull16", "tail16", "cap", "actc")
 
+#: columns of ``ptrs``/``lens``: the arrays of a bitmask layer, as its kernels take them
+ARRAY_FIELDS = ("vals", "bitmask", "row_offsets", "scales", "bias", "rowsum")
+
 #: slots of a layer's linears, in the order the step calls them
 SLOTS = ("qkv", "o", "gate_up", "down")
 
@@ -55,21 +59,28 @@ _TEMPLATE = '''\
 import math
 
 import numpy as np
-from numba import njit
+from numba import carray, njit
 
 from {kernel_module} import rows_1
 from sparsec.codegen.cpu.bitmask import arrange_chunks, quantize_x24, split_bf16
-from sparsec.codegen.cpu.sync import barrier
+from sparsec.codegen.cpu.sync import barrier, voidptr_at
 
 W = {W}
 G = {G}
 MODE = {mode}  # 0: 24-bit fixed-point x (int8/int4), 1: two bf16 halves, 2: x in chunk order
+VALUES = np.{values}  # how the kernels see the packed values
 
 
 @njit(nogil=True, cache=True)
-def linear(x, y, r0, r1, t, vals, bm, offs, scales, bias, rowsum, m, xa, xq, sxs, f1, f2, d2, n1):
-    """Rows ``r0:r1`` of ``y = act(x @ W^T + b)`` (batch 1) by the layer's ``rows`` kernel; lays
-    ``x`` out first, into this thread's own buffers."""
+def linear(x, y, r0, r1, t, s, ptrs, lens, m, xa, xq, sxs, f1, f2, d2, n1):
+    """Rows ``r0:r1`` of ``y = act(x @ W^T + b)`` (batch 1) for linear ``s`` by its ``rows``
+    kernel; lays ``x`` out first, into this thread's own buffers."""
+    vals = carray(voidptr_at(ptrs[s, 0]), lens[s, 0], VALUES)
+    bm = carray(voidptr_at(ptrs[s, 1]), lens[s, 1], np.uint8)
+    offs = carray(voidptr_at(ptrs[s, 2]), lens[s, 2], np.int64)
+    scales = carray(voidptr_at(ptrs[s, 3]), lens[s, 3], np.float32)
+    bias = carray(voidptr_at(ptrs[s, 4]), lens[s, 4], np.float64)
+    rowsum = carray(voidptr_at(ptrs[s, 5]), lens[s, 5], np.int64)
     # int64 values, not literal constants: the kernel is then called with the very signature
     # Python calls it with (one compiled copy, exported to artifacts as it is)
     zero = np.int64(0)
@@ -133,7 +144,7 @@ def attend(q, kc, vc, n, scale, scores, out):
 
 @njit(nogil=True, cache=True)
 def step(t, threads, arrive, token, pos, embed, norm1, norm2, norm_f, eps, cos, sin, kc, vc, heads, kv_heads,
-         vals, bms, offs, scales, biases, rowsums, meta, bounds, groups,
+         ptrs, lens, meta, bounds, groups,
          h_all, xn_all, y_qkv, y_o, y_gu, mlp_all, y_down, att, xa_qkv_all, xa_o_all, xa_gu_all, xa_down_all,
          xq_all, sxs_all, f1, f2, d2, n1, scores_all, out):
     # thread t's own buffers; every thread keeps the same residual stream h (same operations in
@@ -164,8 +175,8 @@ def step(t, threads, arrive, token, pos, embed, norm1, norm2, norm_f, eps, cos, 
     for l in range(layers):
         s = 4 * l
         rms_norm(h, norm1[l], eps, xn[0])
-        linear(xn, y_qkv, bounds[s, t], bounds[s, t + 1], t, vals[s], bms[s], offs[s], scales[s], biases[s],
-               rowsums[s], meta[s], xa_qkv, xq, sxs, f1, f2, d2, n1)
+        linear(xn, y_qkv, bounds[s, t], bounds[s, t + 1], t, s, ptrs, lens, meta[s], xa_qkv, xq, sxs,
+               f1, f2, d2, n1)
         meeting += 1
         barrier(arrive, t, threads, meeting)
         # this thread's key/value groups: rotary embedding (rotate_half convention) of their k
@@ -191,22 +202,22 @@ def step(t, threads, arrive, token, pos, embed, norm1, norm2, norm_f, eps, cos, 
                 attend(qkv[base:base + D], kc[l, g], vc[l, g], pos + 1, scale, scores, att[0, base:base + D])
         meeting += 1
         barrier(arrive, t, threads, meeting)
-        linear(att, y_o, bounds[s + 1, t], bounds[s + 1, t + 1], t, vals[s + 1], bms[s + 1], offs[s + 1],
-               scales[s + 1], biases[s + 1], rowsums[s + 1], meta[s + 1], xa_o, xq, sxs, f1, f2, d2, n1)
+        linear(att, y_o, bounds[s + 1, t], bounds[s + 1, t + 1], t, s + 1, ptrs, lens, meta[s + 1], xa_o, xq,
+               sxs, f1, f2, d2, n1)
         meeting += 1
         barrier(arrive, t, threads, meeting)
         for i in range(hidden):
             h[i] += y_o[0, i]
         rms_norm(h, norm2[l], eps, xn[0])
-        linear(xn, y_gu, bounds[s + 2, t], bounds[s + 2, t + 1], t, vals[s + 2], bms[s + 2], offs[s + 2],
-               scales[s + 2], biases[s + 2], rowsums[s + 2], meta[s + 2], xa_gu, xq, sxs, f1, f2, d2, n1)
+        linear(xn, y_gu, bounds[s + 2, t], bounds[s + 2, t + 1], t, s + 2, ptrs, lens, meta[s + 2], xa_gu, xq,
+               sxs, f1, f2, d2, n1)
         meeting += 1
         barrier(arrive, t, threads, meeting)
         for i in range(inter):
             gate = y_gu[0, i]
             mlp_in[0, i] = gate / (np.float32(1.0) + np.float32(math.exp(-gate))) * y_gu[0, inter + i]
-        linear(mlp_in, y_down, bounds[s + 3, t], bounds[s + 3, t + 1], t, vals[s + 3], bms[s + 3], offs[s + 3],
-               scales[s + 3], biases[s + 3], rowsums[s + 3], meta[s + 3], xa_down, xq, sxs, f1, f2, d2, n1)
+        linear(mlp_in, y_down, bounds[s + 3, t], bounds[s + 3, t + 1], t, s + 3, ptrs, lens, meta[s + 3], xa_down,
+               xq, sxs, f1, f2, d2, n1)
         meeting += 1
         barrier(arrive, t, threads, meeting)
         for i in range(hidden):
@@ -226,11 +237,17 @@ def input_mode(vt: str) -> int:
     return 2
 
 
+#: numpy type of the packed values as the kernels read them, per value type (numba has no
+#: float16 arrays: fp16 and bf16 travel as their 16-bit patterns; int4 as bytes of two levels)
+VALUE_ARRAYS = {"fp32": "float32", "bf16": "uint16", "fp16": "uint16", "int8": "int8", "int4": "uint8"}
+
+
 def decoder_source(vt: str, kernel_module: str) -> str:
     """The generated module's text for value type ``vt``, calling the kernels of the (already
     imported) module named ``kernel_module``."""
     _, W, _, _, _, G = bm_kernels._VT[vt]
-    return _TEMPLATE.format(vt=vt, kernel_module=kernel_module, W=W, G=G, mode=input_mode(vt))
+    return _TEMPLATE.format(vt=vt, kernel_module=kernel_module, W=W, G=G, mode=input_mode(vt),
+                            values=VALUE_ARRAYS[vt])
 
 
 def step_function(vt: str):

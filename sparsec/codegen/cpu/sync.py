@@ -1,4 +1,4 @@
-"""Synchronisation for compiled code that several threads run at once: a spin barrier.
+"""What the fused decode step needs beyond the kernels: a spin barrier, and arrays by address.
 
 The fused decode step (:mod:`.decoder`) runs on every kernel thread at the same time, each
 thread computing its share of a layer's rows, and meets the others between the phases of a layer
@@ -13,6 +13,11 @@ line, and only ever writes its own.
 A thread that waits spins with ``pause`` and, after a while, gives its core away with
 ``sched_yield``: on a machine with more runnable threads than cores, the thread it waits for may
 be the one that needs this core.
+
+:func:`voidptr_at` turns an address (an int64, e.g. ``ndarray.ctypes.data``) into a pointer for
+``numba.carray``: the step reads each layer's packed arrays through a table of their addresses
+instead of a typed list, so every argument it takes is a plain array or number, and its machine
+code can be saved in an artifact like a kernel's. The caller keeps those arrays alive.
 """
 
 from __future__ import annotations
@@ -81,6 +86,17 @@ def yield_core(typingctx):
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+@intrinsic
+def voidptr_at(typingctx, address):
+    """The int64 ``address`` as a ``void*`` (for ``numba.carray(ptr, n, dtype)``)."""
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.int64)
+        return builder.inttoptr(v, ir.IntType(8).as_pointer())
+
+    return types.voidptr(address), codegen
 
 
 @njit(nogil=True, cache=True)
