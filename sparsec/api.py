@@ -137,7 +137,9 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
 
     ``example_inputs``: a tensor, a tuple of args, a dict of keyword inputs, or ``(args, kwargs)``.
     ``calibration``: inputs in the same form, for data-driven passes (SparseGPT, Wanda, GPTQ).
-    The user's ``model`` is never modified: sparsec compiles a copy.
+    The user's ``model`` is never modified: sparsec compiles a copy. For a Llama-family causal LM
+    on the CPU, the batch-1 decode step that :func:`sparsec.generate` uses is compiled too (the
+    report's notes say whether the model can use it), so a saved artifact carries it.
     """
     t_start = time.perf_counter()
     if target not in TARGETS:
