@@ -173,7 +173,12 @@ def test_cli_generate_prints_the_continuation(compiled_llama, tokenizer, artifac
     assert proc.stdout.startswith(PROMPTS[0])
     if not any(t in expected.tokens[0].tolist() for t in (tokenizer.eos_token_id,)):
         assert proc.stdout.rstrip("\n") == PROMPTS[0] + expected.text
-    assert "tokens/s" in proc.stderr
+    assert "tokens/s (fused step)" in proc.stderr
+    by_module = subprocess.run([sys.executable, "-m", "sparsec.cli", "generate", str(artifact), "--prompt",
+                                PROMPTS[0], "--max-new-tokens", "6", "--step", "modules"], capture_output=True,
+                               text=True, env=env, timeout=600)
+    assert by_module.returncode == 0 and by_module.stdout == proc.stdout
+    assert "tokens/s (modules step)" in by_module.stderr
     bad = subprocess.run([sys.executable, "-m", "sparsec.cli", "generate", str(tmp_path), "--prompt", "x"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "not a sparsec artifact" in bad.stderr and len(bad.stderr.splitlines()) == 1
