@@ -38,6 +38,7 @@ All or nothing: on any error every chosen weight is restored bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -126,6 +127,44 @@ def rtn_quantize(
     return dequantize(levels, vt, out_scales, group), out_scales
 
 
+def gptq_sweep(
+    W: torch.Tensor,
+    keep: torch.Tensor,
+    U: torch.Tensor,
+    blocksize: int,
+    round_column: Callable[[int, torch.Tensor, int], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column sweep with lazy block updates: ``(Q, loss)``, both float64.
+
+    Visits the columns of ``W`` (float64 ``[out, in]``, updated in place) in order, ``blocksize``
+    at a time. ``round_column(c, W1, i)`` returns column ``c`` put on the grid, from its current
+    values ``W1[:, i]``; ``W1`` is the block being visited, every earlier column's rounding error
+    already spread in. Entries where ``keep`` is False are pinned at zero. Each column's error,
+    divided by the diagonal of ``U`` (the upper Cholesky factor of the inverse Hessian), is
+    spread over the later columns; ``loss`` is the proxy ``sum err^2 / 2`` per row. The grid is
+    the caller's: :func:`gptq_quantize` rounds onto sparsec's int8/int4 grids with it.
+    """
+    rows, cols = W.shape
+    Q = torch.zeros_like(W)
+    loss = torch.zeros(rows, dtype=torch.float64)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        H1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            wcol = W1[:, i]
+            q = torch.where(keep[:, c], round_column(c, W1, i), torch.zeros_like(wcol))
+            Q[:, c] = q
+            err = (wcol - q) / H1[i, i]
+            loss += err**2 / 2
+            W1[:, i:] -= err.unsqueeze(1) * H1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return Q, loss
+
+
 def gptq_quantize(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -175,36 +214,22 @@ def gptq_quantize(
         W, K = W[:, order], K[:, order]
         hessian = hessian.detach()[order][:, order]
     U, _dead = inverse_hessian_cholesky(hessian, percdamp, layer)
-    Q = torch.zeros_like(W)
-    loss = torch.zeros(rows, dtype=torch.float64)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        H1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            if not static and c % group == 0:
-                # The group's current values, every earlier column's error already spread in.
-                g_end = min(c + group, cols)
-                vals = W1[:, i : g_end - i1] * K[:, c:g_end]
-                if scales == "mse":
-                    s = search_scales(vals, 4, group, diag[c:g_end])[:, 0].to(torch.float64)
-                else:
-                    s = (vals.abs().amax(dim=1) / qmax).to(torch.float32).to(torch.float64)
-                scale_of[:, c // group] = s
-            s = scale_of[:, col_group[c]]
-            safe = torch.where(s > 0, s, torch.ones_like(s))
-            wcol = W1[:, i]
-            q = torch.clamp(torch.round(wcol / safe), qmin, qmax) * s
-            q = torch.where(K[:, c], q, torch.zeros_like(q))
-            Q[:, c] = q
-            d = H1[i, i]
-            err = (wcol - q) / d
-            loss += err**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) * H1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    def round_column(c: int, W1: torch.Tensor, i: int) -> torch.Tensor:
+        if not static and c % group == 0:
+            # The group's current values, every earlier column's error already spread in.
+            g_end = min(c + group, cols)
+            vals = W1[:, i : i + g_end - c] * K[:, c:g_end]
+            if scales == "mse":
+                s = search_scales(vals, 4, group, diag[c:g_end])[:, 0].to(torch.float64)
+            else:
+                s = (vals.abs().amax(dim=1) / qmax).to(torch.float32).to(torch.float64)
+            scale_of[:, c // group] = s
+        s = scale_of[:, col_group[c]]
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        return torch.clamp(torch.round(W1[:, i] / safe), qmin, qmax) * s
+
+    Q, loss = gptq_sweep(W, K, U, blocksize, round_column)
     if actorder:
         Q = Q[:, torch.argsort(order)]
     if not torch.isfinite(Q).all():
