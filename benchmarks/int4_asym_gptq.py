@@ -38,30 +38,17 @@ from pathlib import Path
 import torch
 
 import sparsec.passes.quantize as quantize_pass
-from sparsec.capture import bind_inputs, capture
+from sparsec.capture import capture
 from sparsec.data import heldout_windows, perplexity, token_windows
 from sparsec.models import load
 from sparsec.passes import PassContext, Pipeline, run_passes
 from sparsec.passes.calibration import CalibrationError, inverse_hessian_cholesky
 from sparsec.passes.masks import DEFAULT_IGNORE, select_layers
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quant_accuracy import _Graph, cpu_seconds  # noqa: E402  (the same model wrapper and clock)
+
 QMAX = 15  # levels 0..15
-
-
-class _Graph(torch.nn.Module):
-    def __init__(self, cap, gm) -> None:
-        super().__init__()
-        self.cap, self.gm = cap, gm
-
-    def forward(self, input_ids):
-        _, kwargs = bind_inputs(self.cap.method, self.cap.input_names, self.cap.constant_kwargs, (),
-                                {"input_ids": input_ids})
-        return self.gm(**kwargs)
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def zero_point_params(w: torch.Tensor, group: int, importance: torch.Tensor | None = None,
@@ -123,9 +110,9 @@ def asym_gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, keep: torch.Tenso
 
     Every group's ``(s, z)`` is fixed up front from the unupdated weight (``steps > 1``: searched,
     weighted by the Hessian diagonal); ``actorder`` visits columns by decreasing Hessian diagonal.
-    Otherwise the loop of ``sparsec.passes.quantize.gptq_quantize``.
+    The column sweep is the library's (:func:`sparsec.passes.quantize.gptq_sweep`).
     """
-    rows, cols = w.shape
+    cols = w.shape[1]
     W = w.detach().to(torch.float64).clone()
     K = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.to(torch.bool)
     W = W * K
@@ -140,25 +127,12 @@ def asym_gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, keep: torch.Tenso
         W, K = W[:, order], K[:, order]
         hessian = hessian.detach()[order][:, order]
     U, _dead = inverse_hessian_cholesky(hessian, percdamp, layer)
-    Q = torch.zeros_like(W)
-    loss = torch.zeros(rows, dtype=torch.float64)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        H1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            g = col_group[c]
-            wcol = W1[:, i]
-            q = zero_point_round(wcol, S[:, g], Z[:, g])
-            q = torch.where(K[:, c], q, torch.zeros_like(q))
-            Q[:, c] = q
-            err = (wcol - q) / H1[i, i]
-            loss += err**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) * H1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    def round_column(c: int, W1: torch.Tensor, i: int) -> torch.Tensor:
+        g = col_group[c]
+        return zero_point_round(W1[:, i], S[:, g], Z[:, g])
+
+    Q, loss = quantize_pass.gptq_sweep(W, K, U, blocksize, round_column)
     if actorder:
         Q = Q[:, torch.argsort(order)]
     if not torch.isfinite(Q).all():
