@@ -116,6 +116,18 @@ def rms_norm(x, w, eps, out):
         out[i] = w[i] * (x[i] * r)
 
 
+@njit(nogil=True, cache=True)
+def rotate(x, cos, sin):
+    """Rotary embedding of one head ``x`` [D] in place, Hugging Face's ``rotate_half`` convention:
+    ``x * cos + cat(-x[D/2:], x[:D/2]) * sin`` for one position's ``cos``/``sin`` [D]."""
+    half = x.shape[0] // 2
+    for d in range(half):
+        a = x[d]
+        b = x[d + half]
+        x[d] = a * cos[d] - b * sin[d]
+        x[d + half] = b * cos[d + half] + a * sin[d + half]
+
+
 @njit(nogil=True, cache=True, fastmath=True)
 def attend(q, kc, vc, n, scale, scores, out):
     """softmax(q . k_t * scale) . v_t over t < n for one head: q [D], kc/vc [capacity, D]."""
@@ -162,7 +174,6 @@ def step(t, threads, arrive, token, pos, embed, norm1, norm2, norm_f, eps, cos, 
     layers = norm1.shape[0]
     hidden = h.shape[0]
     D = kc.shape[3]
-    half = D // 2
     rep = heads // kv_heads
     scale = np.float32(1.0 / math.sqrt(D))
     inter = mlp_in.shape[1]
@@ -182,23 +193,13 @@ def step(t, threads, arrive, token, pos, embed, norm1, norm2, norm_f, eps, cos, 
         # this thread's key/value groups: rotary embedding (rotate_half convention) of their k
         # heads and q heads, the cache append, attention of their q heads
         for g in range(groups[t], groups[t + 1]):
-            for hh in range(heads + g, heads + g + 1):
-                base = hh * D
-                for d in range(half):
-                    a = qkv[base + d]
-                    b = qkv[base + d + half]
-                    qkv[base + d] = a * cos[pos, d] - b * sin[pos, d]
-                    qkv[base + d + half] = b * cos[pos, d + half] + a * sin[pos, d + half]
+            rotate(qkv[koff + g * D:koff + (g + 1) * D], cos[pos], sin[pos])
             for d in range(D):
                 kc[l, g, pos, d] = qkv[koff + g * D + d]
                 vc[l, g, pos, d] = qkv[voff + g * D + d]
             for hh in range(g * rep, (g + 1) * rep):
                 base = hh * D
-                for d in range(half):
-                    a = qkv[base + d]
-                    b = qkv[base + d + half]
-                    qkv[base + d] = a * cos[pos, d] - b * sin[pos, d]
-                    qkv[base + d + half] = b * cos[pos, d + half] + a * sin[pos, d + half]
+                rotate(qkv[base:base + D], cos[pos], sin[pos])
                 attend(qkv[base:base + D], kc[l, g], vc[l, g], pos + 1, scale, scores, att[0, base:base + D])
         meeting += 1
         barrier(arrive, t, threads, meeting)
