@@ -22,9 +22,6 @@ vector ``rows`` kernel.
 
 from __future__ import annotations
 
-import atexit
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from sparsec.codegen.cpu.decoder import SLOTS, step_function
+from sparsec.codegen.cpu.threads import run_concurrently
 
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 
@@ -297,35 +295,11 @@ class FusedDecodeStep:
                 self.ptrs, self.lens, self.meta, self.bounds,
                 self.groups, self.h, self.xn, y_qkv, y_o, y_gu, self.mlp_in, y_down, self.att, *self.xa,
                 self.xq, self.sxs, self.f1, self.f2, self.d2, self.n1, self.scores, self.out)
-        if self.threads == 1:
-            self.fn(0, *args)
-        else:
-            # every thread runs the whole step on its share, all at once: they wait for each
-            # other at barriers, so each needs a thread of its own (never a queue slot)
-            pool = _step_pool(self.threads - 1)
-            futures = [pool.submit(self.fn, t, *args) for t in range(1, self.threads)]
-            try:
-                self.fn(0, *args)
-            finally:
-                for f in futures:
-                    f.result()
+        # every thread runs the whole step on its share, all at once (they meet at barriers)
+        run_concurrently(self.fn, self.threads, args)
         return self.out
 
     def __call__(self, token: int, position: int) -> torch.Tensor:
         """Logits (float32 ``[1, vocab]``) of ``token`` at ``position``."""
         h = torch.from_numpy(self.hidden_state(token, position))[None]
         return self.lm_head(h).float()
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _step_pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of exactly ``workers`` threads kept for decode steps (one per worker count)."""
-    with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
-        if pool is None:
-            pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparsec-step")
-            atexit.register(pool.shutdown, wait=False)
-        return pool
