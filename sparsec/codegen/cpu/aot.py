@@ -207,6 +207,7 @@ def _entry_overloads() -> list[tuple[Any, str | None, Any, tuple, Any]]:
             if (isinstance(value, CPUDispatcher) and value.overloads and id(value) not in found
                     and value.py_func.__module__ == mod.__name__):
                 found[id(value)] = (mod, key, value)
+
     def walk(lib, into: set[int]) -> None:
         for dep in getattr(lib, "_linking_libraries", ()):
             if id(dep) not in into:
@@ -230,11 +231,8 @@ def _entry_overloads() -> list[tuple[Any, str | None, Any, tuple, Any]]:
                 out += [(mod, key, disp, sig, cres) for sig, cres in list(disp.overloads.items())]
             continue
         for sig, cres in list(disp.overloads.items()):
-            if id(cres.library) in linked:
-                continue
-            if id(cres.library) in in_steps and any(_encode_type(t) is None for t in sig):
-                continue  # a signature only a step calls (Python never passes such types)
-            out.append((mod, key, disp, sig, cres))
+            if id(cres.library) not in linked:
+                out.append((mod, key, disp, sig, cres))
     return out
 
 
