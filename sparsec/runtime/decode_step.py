@@ -97,8 +97,9 @@ def fused_step_for(decoder: nn.Module, threads: int | None = None) -> FusedDecod
     why this decoder has to run module by module. By default the step uses the kernels' threads
     (:func:`sparsec.codegen.cpu.threads.cpu_threads`), also for a model of small layers that the
     module path runs on one thread each: there a second thread is woken for every call (20-30 us),
-    here once a token, and meeting at a barrier costs about 0.35 us (measured on 2 idle Zen 4
-    cores: SmolLM2's 30 layers in 3.9 ms on two threads against 6.6 ms on one). Kept on the
+    here once a token, and meeting at a barrier costs 0.1-0.3 us (``benchmarks/barrier.py`` on 2
+    idle Zen 4 cores; ``benchmarks/decode_breakdown.py``: SmolLM2's 30 layers in 3.7 ms on two
+    threads against 6.9 ms on one). Kept on the
     decoder while the modules it was built from stay in place (a caller that swaps layers in and
     out, as the benchmarks do, gets a step for what is there)."""
     from sparsec.codegen.cpu.threads import cpu_threads
