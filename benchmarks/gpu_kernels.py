@@ -78,6 +78,7 @@ class Row:
     host_us_per_call: float
     max_err_ratio: float
     warps: int = 4
+    design: str = "lanes"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,8 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", help="comma-separated ROWSxCOLS subset, e.g. 11008x4096,4096x11008")
     p.add_argument("--sparsities", help="comma-separated subset, e.g. 0.75,2:4")
     p.add_argument("--batches", help="comma-separated subset, e.g. 1,16")
-    p.add_argument("--warps", default="4",
-                   help="comma-separated rows (warps) per block to compare, 1-8 (default: %(default)s)")
+    p.add_argument("--warps", default="default",
+                   help="comma-separated rows (warps) per block to compare, 1-8, or 'default' (each "
+                        "design's own: 8 for lanes, 4 for tiles and nm)")
+    p.add_argument("--designs", default="lanes",
+                   help="comma-separated bitmask kernel designs to compare: lanes, tiles (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="timed blocks per measurement (median taken)")
     p.add_argument("--block", type=int, default=40, help="launches per timed block")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -249,9 +253,13 @@ def run_gpu(args, grid) -> list[Row]:
                 packed = pack_for(pack, w, sparsity, vt, INT4_GROUP)
                 w_ref = packed.unpack().to("cuda", torch.float64)
                 n_ours = max(2, math.ceil(4 * l2 / packed.nbytes()))
-                for warps, batch in [(wp, b) for wp in args.warp_list for b in grid["batches"]]:
+                designs = args.design_list if packed.format_name == "bitmask" else ["-"]
+                configs = [(d, wp, b) for d in designs for wp in args.warp_list for b in grid["batches"]]
+                for design, warps, batch in configs:
                     if batch == grid["batches"][0]:
-                        kernels = [build_linear_kernel(packed, warps_per_block=warps) for _ in range(n_ours)]
+                        first = build_linear_kernel(packed, warps_per_block=warps,
+                                                    design=None if design == "-" else design)
+                        kernels = [first] + [first.replicate() for _ in range(n_ours - 1)]
                     x = torch.randn(batch, cols, generator=gen, device="cuda").half()
                     err = max(check_output(torch, k(x), x, w_ref) for k in kernels[:2])
                     if not err <= 1.0:
@@ -260,7 +268,7 @@ def run_gpu(args, grid) -> list[Row]:
                         )
                         results.append(Row(rows, cols, sparsity, vt, batch, packed.bits_per_weight(),
                                            math.nan, math.nan, math.nan, math.nan, math.nan, math.nan,
-                                           math.nan, err, warps))  # fmt: skip
+                                           math.nan, err, warps or 0, design))  # fmt: skip
                         continue
                     ours, host = timer.time_us([lambda k=k, x=x: k(x) for k in kernels])
                     cublas, _ = timer.time_us(
@@ -273,7 +281,7 @@ def run_gpu(args, grid) -> list[Row]:
                         ours, cublas, cublas / ours,
                         ours_bytes / (ours * 1e-6) / 1e9 / bw,
                         (dense_bytes + io) / (cublas * 1e-6) / 1e9 / bw,
-                        ours_bytes / (bw * 1e9) * 1e6, host, err, warps,
+                        ours_bytes / (bw * 1e9) * 1e6, host, err, warps or 0, design,
                     )  # fmt: skip
                     results.append(row)
                     print_row(row)
@@ -298,8 +306,11 @@ def run_simulated(args, grid) -> list[Row]:
             for vt in grid["value_types"]:
                 packed = pack_for(pack, w, sparsity, vt, 32)
                 w_ref = packed.unpack().double()
-                for warps, batch in [(wp, b) for wp in args.warp_list for b in grid["batches"]]:
-                    kernel = build_linear_kernel(packed, warps_per_block=warps)
+                designs = args.design_list if packed.format_name == "bitmask" else ["-"]
+                configs = [(d, wp, b) for d in designs for wp in args.warp_list for b in grid["batches"]]
+                for design, warps, batch in configs:
+                    kernel = build_linear_kernel(packed, warps_per_block=warps,
+                                                 design=None if design == "-" else design)
                     x = torch.randn(batch, cols, generator=gen).half()
                     t0 = time.perf_counter()
                     y = kernel(x)
@@ -309,7 +320,8 @@ def run_simulated(args, grid) -> list[Row]:
                     torch.nn.functional.linear(x.float(), w)
                     dense = (time.perf_counter() - t0) * 1e6
                     row = Row(rows, cols, sparsity, vt, batch, packed.bits_per_weight(), ours, dense,
-                              dense / ours, math.nan, math.nan, math.nan, ours, err, warps)  # fmt: skip
+                              dense / ours, math.nan, math.nan, math.nan, ours, err, warps or 0,
+                              design)  # fmt: skip
                     results.append(row)
                     print_row(row)
                     if not err <= 1.0:
@@ -321,7 +333,8 @@ def run_simulated(args, grid) -> list[Row]:
 
 HEADER = (
     f"{'shape':>12} {'sparse':>6} {'vtype':>5} {'batch':>5} {'bits/w':>6} {'ours us':>9} {'cuBLAS us':>9} "
-    f"{'speedup':>7} {'ours BW':>7} {'cuBLAS BW':>9} {'floor us':>8} {'host us':>8} {'err':>6} {'warps':>5}"
+    f"{'speedup':>7} {'ours BW':>7} {'cuBLAS BW':>9} {'floor us':>8} {'host us':>8} {'err':>6} {'warps':>5} "
+    f"{'design':>6}"
 )
 
 
@@ -334,7 +347,7 @@ def print_row(r: Row) -> None:
         f"{r.bits_per_weight:6.2f} "
         f"{r.ours_us:9.2f} {r.cublas_us:9.2f} {r.speedup:7.2f} {pct(r.ours_bw_frac):>7} "
         f"{pct(r.cublas_bw_frac):>9} {r.floor_us:8.2f} {r.host_us_per_call:8.1f} {r.max_err_ratio:6.3f} "
-        f"{r.warps:5d}"
+        f"{r.warps:5d} {r.design:>6}"
     )
 
 
@@ -354,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         grid["sparsities"] = [s if ":" in s else float(s) for s in args.sparsities.split(",")]
     if args.batches:
         grid["batches"] = [int(b) for b in args.batches.split(",")]
-    args.warp_list = [int(w) for w in args.warps.split(",")]
+    args.warp_list = [None] if args.warps == "default" else [int(w) for w in args.warps.split(",")]
+    args.design_list = args.designs.split(",")
     if args.simulate:
         print("CUDA simulator: outputs are checked, times are Python's and mean nothing about a GPU")
         print(HEADER)

@@ -2,8 +2,10 @@
 # Everything sparsec checks and times on a GPU, in as few device calls as possible.
 #
 #   bash benchmarks/gpu_session.sh kernels   # environment, CUDA kernel tests on the GPU, kernel benchmark
-#   bash benchmarks/gpu_session.sh tune      # rows per block swept on the target cases (about a minute)
-#   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager; recovery on the GPU
+#                                            # (both bitmask designs at 75%, the default one elsewhere),
+#                                            # rows per block swept on the target cases
+#   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager, the CUDA artifact
+#                                            # round trip; recovery on the GPU when RECOVERY_ARGS is set
 #
 # Each step runs under its own time limit, so one slow or failing step still leaves the others'
 # output. Logs and JSON go to $OUT (default /tmp/sparsec-gpu). The GPU image has torch, numba and
@@ -36,24 +38,29 @@ case "${1:-}" in
 print(sys.version.split()[0], \"numpy\", numpy.__version__, \"torch\", torch.__version__, \"numba\", numba.__version__,
       \"numba-cuda\", v(\"numba-cuda\"), \"transformers\", transformers.__version__)
 from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda_available())"'
-    step tests "${TESTS_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_kernels_ptx.py
-    step bench "${BENCH_LIMIT:-300}" $PY benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json"
-    ;;
-  tune)
-    step tune "${TUNE_LIMIT:-150}" $PY benchmarks/gpu_kernels.py --shapes 11008x4096,4096x11008 \
-      --sparsities 0.75 --batches 1,16 --warps 1,2,4,8 --json "$OUT/gpu_tune.json"
+    # the PTX test compiles with the image's own toolkit
+    cuda_home=$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")
+    step tests "${TESTS_LIMIT:-170}" env CUDA_HOME="$cuda_home" $PY -m pytest -q -p no:cacheprovider \
+      tests/test_cuda_kernels.py tests/test_cuda_kernels_ptx.py
+    step bench75 "${BENCH_LIMIT:-110}" $PY benchmarks/gpu_kernels.py --sparsities 0.75 --designs lanes,tiles \
+      --json "$OUT/gpu_kernels_75.json"
+    step bench "${BENCH2_LIMIT:-80}" $PY benchmarks/gpu_kernels.py --sparsities 0.5,0.9,2:4 \
+      --shapes 11008x4096,4096x11008 --batches 1,16 --json "$OUT/gpu_kernels_other.json"
+    step tune "${TUNE_LIMIT:-40}" $PY benchmarks/gpu_kernels.py --shapes 11008x4096,4096x11008 \
+      --sparsities 0.75 --batches 1 --warps 4,8 --json "$OUT/gpu_tune.json"
     ;;
   e2e)
     gguf=${2:?give the SmolLM2-135M GGUF file}
     export SPARSEC_CACHE=${SPARSEC_CACHE:-/tmp/sparsec-cache}
-    step e2e "${E2E_LIMIT:-240}" $PY benchmarks/gpu_e2e.py --gguf "$gguf" --json "$OUT/gpu_e2e.json"
+    step e2e "${E2E_LIMIT:-150}" $PY benchmarks/gpu_e2e.py --gguf "$gguf" --json "$OUT/gpu_e2e.json"
+    step artifact "${ARTIFACT_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_artifact.py
     if [ -n "${RECOVERY_ARGS:-}" ]; then
       # shellcheck disable=SC2086
       step recovery "${RECOVERY_LIMIT:-300}" $PY benchmarks/recovery.py --device cuda --out "$OUT/recovery" $RECOVERY_ARGS
     fi
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh kernels | tune | e2e GGUF" >&2
+    echo "usage: bash benchmarks/gpu_session.sh kernels | e2e GGUF" >&2
     exit 2
     ;;
 esac

@@ -28,6 +28,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from sparsec.codegen.cuda import (  # noqa: E402
+    BITMASK_DESIGNS,
     CudaUnavailableError,
     build_linear_kernel,
     cuda_available,
@@ -90,16 +91,50 @@ def check(y: torch.Tensor, packed, x: torch.Tensor, bias=None, activation=None) 
     )
 
 
+@pytest.mark.parametrize("design", BITMASK_DESIGNS)
 @pytest.mark.parametrize("value_type", ["fp32", "bf16", "fp16", "int8", "int4"])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_bitmask_value_types(value_type: str, batch: int) -> None:
-    # rows not a multiple of the 4 rows a block, cols not a multiple of 8, 32 or 64.
+def test_bitmask_value_types(value_type: str, batch: int, design: str) -> None:
+    # rows not a multiple of the rows a block, cols not a multiple of 8, 32 or 64.
     w = sparse_weight(9, 77, 0.4, seed=batch)
     options = {"group_size": 16} if value_type == "int4" else {}
     packed = pack(w, "bitmask", value_type, **options)
     x = torch.randn(batch, 77, generator=torch.Generator().manual_seed(7))
-    kernel = build_linear_kernel(packed)
+    kernel = build_linear_kernel(packed, design=design)
     check(run(kernel, x), packed, x)
+
+
+@pytest.mark.parametrize("value_type", ["fp32", "bf16", "fp16", "int8", "int4"])
+def test_lane_layout_is_a_permutation_of_the_stored_bytes(value_type: str) -> None:
+    # 1100 columns: a full tile and a partial one; the permutation must be undone exactly.
+    from sparsec.codegen.cuda import bitmask_lanes
+
+    w = sparse_weight(6, 1100, 0.3, seed=21)
+    packed = pack(w, "bitmask", value_type, **({"group_size": 32} if value_type == "int4" else {}))
+    a = packed.arrays()
+    lanes = bitmask_lanes.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets,
+                                         a.scales)
+    dense = np.unpackbits(a.bitmask, axis=1, count=a.cols, bitorder="little").astype(bool)
+    tiles = lanes.mask.shape[1] // 32
+    bits = np.unpackbits(lanes.mask.view(np.uint8).reshape(6, tiles, 32, 4), axis=3, bitorder="little")
+    back = bits.reshape(6, tiles, 32, 32).transpose(0, 1, 3, 2).reshape(6, tiles * 1024)
+    assert np.array_equal(back[:, : a.cols].astype(bool), dense) and not back[:, a.cols :].any()
+    nnz = int(dense.sum())
+    stored = bitmask_lanes._value_elements(a.values, value_type, nnz)
+    permuted = bitmask_lanes._value_elements(lanes.words.view(np.uint8), value_type, nnz)
+    assert sorted(stored.tolist()) == sorted(permuted.tolist())  # same values, only reordered
+    assert np.array_equal(lanes.row_offsets, a.row_offsets.astype(np.int32))
+    # Row 0's first tile: lane-major order is column order of (col % 32, col // 32).
+    cols0 = np.flatnonzero(dense[0, :1024])
+    lane_order = cols0[np.lexsort((cols0 // 32, cols0 % 32))]
+    rank = {c: i for i, c in enumerate(cols0)}
+    assert np.array_equal(permuted[: cols0.size], stored[[rank[c] for c in lane_order]])
+
+
+def test_unknown_bitmask_design_is_refused() -> None:
+    packed = pack(sparse_weight(4, 16, 0.5, seed=1), "bitmask", "fp16")
+    with pytest.raises(ValueError, match="unknown bitmask kernel design 'fast'; choose one of lanes, tiles"):
+        build_linear_kernel(packed, design="fast")
 
 
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "gelu_tanh"])
@@ -121,14 +156,15 @@ def test_bitmask_several_tiles_and_int8_bias() -> None:
     check(run(build_linear_kernel(packed, bias=bias), x), packed, x, bias)
 
 
-@pytest.mark.parametrize("fmt", ["bitmask", "nm"])
+@pytest.mark.parametrize("fmt", ["bitmask", "bitmask-tiles", "nm"])
 @pytest.mark.parametrize("warps", [1, 3, 8])
 def test_rows_per_block_is_a_tuning_knob_that_keeps_results(fmt: str, warps: int) -> None:
-    # 10 rows: a partial last block for every block size; 2100 columns: two bitmask tiles
-    w = sparse_weight(10, 2100, 0.3, seed=warps) if fmt == "bitmask" else nm_weight(10, 2100, 2, 4, seed=warps)
-    packed = pack(w, fmt, "fp16", **({"n": 2, "m": 4} if fmt == "nm" else {}))
+    # 10 rows: a partial last block for every block size; 2100 columns: two or three tiles
+    w = sparse_weight(10, 2100, 0.3, seed=warps) if fmt != "nm" else nm_weight(10, 2100, 2, 4, seed=warps)
+    packed = pack(w, fmt.split("-")[0], "fp16", **({"n": 2, "m": 4} if fmt == "nm" else {}))
     x = torch.randn(2, 2100, generator=torch.Generator().manual_seed(warps))
-    check(run(build_linear_kernel(packed, warps_per_block=warps), x), packed, x)
+    design = "tiles" if fmt == "bitmask-tiles" else None
+    check(run(build_linear_kernel(packed, warps_per_block=warps, design=design), x), packed, x)
 
 
 def test_rows_per_block_outside_its_range_is_refused() -> None:
@@ -174,13 +210,14 @@ def test_numpy_input_gives_numpy_output() -> None:
     value_type=st.sampled_from(["fp32", "bf16", "fp16", "int8", "int4"]),
     batch=st.integers(1, 4),
     seed=st.integers(0, 2**16),
+    design=st.sampled_from(BITMASK_DESIGNS),
 )
-def test_bitmask_random_shapes(rows, cols, density, value_type, batch, seed) -> None:
+def test_bitmask_random_shapes(rows, cols, density, value_type, batch, seed, design) -> None:
     w = sparse_weight(rows, cols, density, seed)
     options = {"group_size": 8} if value_type == "int4" else {}
     packed = pack(w, "bitmask", value_type, **options)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed + 1))
-    check(run(build_linear_kernel(packed), x), packed, x)
+    check(run(build_linear_kernel(packed, design=design), x), packed, x)
 
 
 def nm_weight(rows: int, cols: int, n: int, m: int, seed: int) -> torch.Tensor:

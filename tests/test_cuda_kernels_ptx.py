@@ -7,7 +7,8 @@ vector load intrinsic, bit reinterpretations). This test compiles that path with
 no double-precision instruction.
 
 It needs libnvvm: set ``CUDA_HOME`` to a CUDA toolkit, or to the ``nvidia/cu13`` folder of the
-``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels unpacked together. Skipped otherwise.
+``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels unpacked together. Skipped otherwise. The
+``lanes`` bitmask design reads values 4 bytes a lane instead, and ``x`` from shared memory.
 """
 
 from __future__ import annotations
@@ -46,19 +47,24 @@ class _Hopper:
 
 dispatcher.get_current_device = lambda: _Hopper()
 
-from sparsec.codegen.cuda import bitmask, nm
+from sparsec.codegen.cuda import bitmask, bitmask_lanes, nm
 
 def arr(dt, nd):
     return T.Array(dt, nd, "C")
 
 out = []
 cases = [("bitmask", vt, b) for vt in ("fp32", "bf16", "fp16", "int8", "int4") for b in (1, 16)]
+cases += [("lanes", vt, b) for vt in ("fp32", "bf16", "fp16", "int8", "int4") for b in (1, 16)]
 cases += [("nm", vt, b) for vt in ("fp16", "int4") for b in (1, 16)]
 for fmt, vt, batch in cases:
     X = arr(T.float16, 2)
     if fmt == "bitmask":
         k = bitmask.make_kernel(vt, 4096, batch, "silu", True, 128)
         sig = (X, X, T.int64, T.int64, arr(T.uint64, 2), arr(T.uint64, 1), arr(T.int64, 1),
+               arr(T.float32, 2), arr(T.float32, 1))
+    elif fmt == "lanes":
+        k = bitmask_lanes.make_kernel(vt, 4096, batch, "silu", True, 128)
+        sig = (X, X, T.int64, T.int64, arr(T.uint32, 2), arr(T.uint32, 1), arr(T.int32, 1),
                arr(T.float32, 2), arr(T.float32, 1))
     else:
         k = nm.make_kernel(vt, 4096, 2, 4, batch, "gelu", True, 128)
@@ -68,6 +74,7 @@ for fmt, vt, batch in cases:
     count = lambda pat: len(re.findall(pat, ptx))
     out.append(dict(fmt=fmt, vt=vt, batch=batch, v2=count(r"ld\.global\.v2\.u64"),
                     shfl=count(r"shfl\.sync"), local=count(r"\.local"), f64=count(r"\.f64"),
+                    lds=count(r"ld\.shared\.f32"), u64=count(r"\.[us]64\s"),
                     target="sm_90" in ptx))
 print(json.dumps(out))
 """
@@ -81,11 +88,15 @@ def test_kernels_compile_to_sm90_ptx() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 14
+    assert len(results) == 24
     for r in results:
         name = f"{r['fmt']}/{r['vt']}/batch {r['batch']}"
         assert r["target"], name
-        assert r["v2"] >= 1, f"{name}: values are not read with a 16-byte load"
+        if r["fmt"] == "lanes":
+            # batch 1 keeps x in shared memory (4096 float32), batch 16 cannot (256 KiB)
+            assert (r["lds"] >= 1) == (r["batch"] == 1), f"{name}: x staging is not as designed"
+        else:
+            assert r["v2"] >= 1, f"{name}: values are not read with a 16-byte load"
         assert r["shfl"] >= 5, f"{name}: warp collectives do not use shuffles"
         assert r["local"] == 0, f"{name}: local memory in use (accumulators spilled?)"
         assert r["f64"] == 0, f"{name}: double-precision instructions emitted"

@@ -40,6 +40,9 @@ __all__ = [
 #: (through torch); other formats are refused by :func:`build_linear_kernel`.
 KERNEL_FORMATS: tuple[str, ...] = ("bitmask", "nm", "dense")
 
+#: Designs of the bitmask kernel; the first is the default (see ``build_linear_kernel``).
+BITMASK_DESIGNS: tuple[str, ...] = ("lanes", "tiles")
+
 #: Activations the epilogue can fuse (``None``: none).
 ACTIVATION_NAMES: tuple[str, ...] = ("relu", "gelu", "gelu_tanh", "silu")
 
@@ -95,13 +98,20 @@ def cuda_available() -> tuple[bool, str]:
 
 
 def build_linear_kernel(
-    packed: PackedWeight, bias: Any = None, activation: str | None = None, *, warps_per_block: int | None = None
+    packed: PackedWeight,
+    bias: Any = None,
+    activation: str | None = None,
+    *,
+    warps_per_block: int | None = None,
+    design: str | None = None,
 ) -> CudaLinearKernel:
     """Copy ``packed`` (and ``bias``) to the GPU and return a kernel computing ``act(x @ W^T + bias)``.
 
-    ``warps_per_block``: rows per thread block of the sparse kernels (default 4; 1 to 8, as each
-    warp keeps a 4 KiB column list in shared memory), a tuning knob that
-    ``benchmarks/gpu_kernels.py --warps`` sweeps.
+    ``warps_per_block``: rows per thread block of the sparse kernels (1 to 8; default 8 for the
+    bitmask ``lanes`` design, 4 otherwise), a tuning knob that ``benchmarks/gpu_kernels.py
+    --warps`` sweeps. ``design`` picks the bitmask kernel: ``"lanes"`` (default: ``x`` staged in
+    shared memory, each lane walks its own transposed mask word) or ``"tiles"`` (values split
+    evenly over a warp through a shared column list); other formats ignore it.
 
     Raises :class:`CudaUnavailableError` when there is no usable GPU (and no simulator),
     ``ValueError``/``TypeError`` for an unsupported format, value type, activation or a bias of
@@ -114,6 +124,8 @@ def build_linear_kernel(
         )
     if warps_per_block is not None and not (isinstance(warps_per_block, int) and 1 <= warps_per_block <= 8):
         raise ValueError(f"warps_per_block must be an integer from 1 to 8, got {warps_per_block!r}")
+    if design is not None and design not in BITMASK_DESIGNS:
+        raise ValueError(f"unknown bitmask kernel design {design!r}; choose one of {', '.join(BITMASK_DESIGNS)}")
     ok, why = cuda_available()
     if not ok:
         raise CudaUnavailableError(
@@ -122,7 +134,7 @@ def build_linear_kernel(
         )
     from sparsec.codegen.cuda import build
 
-    return build.build(packed, bias, activation, warps_per_block)
+    return build.build(packed, bias, activation, warps_per_block, design)
 
 
 def __getattr__(name: str):

@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsec.codegen.cuda import KERNEL_FORMATS
+from sparsec.codegen.cuda import BITMASK_DESIGNS, KERNEL_FORMATS
 from sparsec.codegen.cuda import bitmask as bitmask_kernels
+from sparsec.codegen.cuda import bitmask_lanes as lane_kernels
 from sparsec.codegen.cuda import nm as nm_kernels
 from sparsec.codegen.cuda.dense import DenseCudaLinear
 from sparsec.codegen.cuda.kernel import CudaLinearKernel, KernelSpec
@@ -35,7 +36,53 @@ def _bias_array(bias: Any, rows: int) -> np.ndarray | None:
     return np.ascontiguousarray(b, dtype=np.float32).copy()
 
 
-def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool, warps: int | None) -> KernelSpec:
+def _resident_blocks(threads: int, shared: int) -> int:
+    """Blocks of ``threads`` threads using ``shared`` bytes that the whole GPU holds at once."""
+    from sparsec.codegen.cuda.device import SIMULATOR, cuda
+
+    if SIMULATOR:
+        return 1 << 30  # no residency to model: one block per row group
+    dev = cuda.get_current_device()
+    per_sm = min(dev.MAX_THREADS_PER_MULTIPROCESSOR // threads,
+                 dev.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR // (shared + 1024), 32)
+    return dev.MULTIPROCESSOR_COUNT * max(1, per_sm)
+
+
+def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: bool,
+                        warps: int | None) -> KernelSpec:
+    a = packed.arrays()  # type: ignore[attr-defined]
+    arrays = lane_kernels.prepare_arrays(
+        a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
+    )
+    group_size = int(a.group_size) if a.value_type == "int4" else 1
+    warps = warps or lane_kernels.WARPS_PER_BLOCK
+    key = ("bitmask-lanes", a.value_type, a.cols, activation, has_bias, group_size, warps)
+
+    def make(bucket: int):
+        return lane_kernels.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
+
+    def grid_limit(bucket: int) -> int:
+        return _resident_blocks(32 * warps, lane_kernels.shared_bytes(a.cols, bucket, warps))
+
+    return KernelSpec(
+        format_name="bitmask",
+        value_type=a.value_type,
+        rows=a.rows,
+        cols=a.cols,
+        arrays=(arrays.mask, arrays.words, arrays.row_offsets, arrays.scales),
+        make=make,
+        rows_per_block=warps,
+        threads_per_block=32 * warps,
+        buckets=BATCH_BUCKETS,
+        cache_key=key,
+        grid_limit=grid_limit,
+    )
+
+
+def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool, warps: int | None,
+                  design: str | None = None) -> KernelSpec:
+    if (design or BITMASK_DESIGNS[0]) == "lanes":
+        return _bitmask_lanes_spec(packed, activation, has_bias, warps)
     a = packed.arrays()  # type: ignore[attr-defined]
     arrays = bitmask_kernels.prepare_arrays(
         a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
@@ -66,7 +113,8 @@ def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _nm_spec(packed: PackedWeight, activation: str | None, has_bias: bool, warps: int | None) -> KernelSpec:
+def _nm_spec(packed: PackedWeight, activation: str | None, has_bias: bool, warps: int | None,
+             design: str | None = None) -> KernelSpec:
     p = packed
     rows, cols, n, m, vt = p.rows, p.cols, int(p.n), int(p.m), p.value_type  # type: ignore[attr-defined]
     scales = None if p.scales is None else p.scales.detach().numpy()  # type: ignore[attr-defined]
@@ -117,7 +165,7 @@ def device() -> torch.device:
 
 
 def build(packed: PackedWeight, bias: Any, activation: str | None,
-          warps_per_block: int | None = None) -> CudaLinearKernel | DenseCudaLinear:
+          warps_per_block: int | None = None, design: str | None = None) -> CudaLinearKernel | DenseCudaLinear:
     """See :func:`sparsec.codegen.cuda.build_linear_kernel` (which checks the GPU first)."""
     if not isinstance(packed, PackedWeight):
         raise TypeError(
@@ -133,5 +181,5 @@ def build(packed: PackedWeight, bias: Any, activation: str | None,
         known = ", ".join(sorted(KERNEL_FORMATS))
         raise ValueError(f"no CUDA kernel for format {name!r}; the CUDA target supports: {known}")
     bias_host = _bias_array(bias, packed.rows)
-    spec = make_spec(packed, activation, bias_host is not None, warps_per_block)
+    spec = make_spec(packed, activation, bias_host is not None, warps_per_block, design)
     return CudaLinearKernel(spec, bias_host, activation)

@@ -45,6 +45,9 @@ class KernelSpec:
     threads_per_block: int
     buckets: tuple[int, ...]
     cache_key: tuple = field(default=())
+    #: ``grid_limit(bucket)``: the most blocks worth launching (kernels whose blocks loop over
+    #: row groups stop at what the GPU holds at once); ``None``: one block per row group.
+    grid_limit: Callable[[int], int] | None = None
 
 
 # Compiled kernels are shared by every layer with the same specialization (same format, value
@@ -79,6 +82,12 @@ class CudaLinearKernel:
             f"{act}, bias={self.has_bias})"
         )
 
+    def replicate(self) -> CudaLinearKernel:
+        """Another kernel object for the same weight with its own device copy (benchmarks
+        rotate over copies so that the weights they read are not in L2)."""
+        bias = None if not self.has_bias else self._device_args[-1].copy_to_host()
+        return CudaLinearKernel(self._spec, bias, self.activation)
+
     def nbytes(self) -> int:
         """Bytes this layer holds on the device (its repacked weight arrays and bias)."""
         return int(sum(a.nbytes for a in self._device_args))
@@ -96,6 +105,8 @@ class CudaLinearKernel:
         """Run on ``m`` (<= 16) rows: ``x`` ``[m, cols]``, ``y`` ``[m, rows]`` device arrays."""
         bucket = next(b for b in self._spec.buckets if m <= b)
         grid = max(1, math.ceil(self.rows / self._spec.rows_per_block))
+        if self._spec.grid_limit is not None:
+            grid = max(1, min(grid, self._spec.grid_limit(bucket)))
         kern = self.kernel_for(bucket)
         kern[grid, self._spec.threads_per_block, stream](y, x, m, self.rows, *self._device_args)
 

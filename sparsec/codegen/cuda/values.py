@@ -47,6 +47,47 @@ def make_dequant(value_type: str):
     return dequant
 
 
+#: Float32 ``2**23``: OR-ing an 8-bit field into its mantissa and subtracting gives the field
+#: exactly, with no integer-to-float conversion instruction.
+_MAGIC_BITS = np.uint32(0x4B000000)
+
+
+def make_dequant_low(value_type: str):
+    """Device function ``dequant(word) -> float32``: the value in the low field of a uint32 word.
+
+    Float types give the value; int8/int4 give the signed level (the caller applies scales).
+    Signed levels are decoded by bit arithmetic: flipping the sign bit turns a two's complement
+    field into an offset one, which the float32 ``2**23 + field`` holds exactly.
+    """
+    code = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}[value_type]
+    field_bits = 32 // {"fp32": 1, "bf16": 2, "fp16": 2, "int8": 4, "int4": 8}[value_type]
+    field_mask = np.uint32((1 << field_bits) - 1) if field_bits < 32 else np.uint32(0xFFFFFFFF)
+    sign = np.uint32(1 << (field_bits - 1))
+    bias = np.float32(2.0**23 + (1 << (field_bits - 1)))
+    sixteen = np.uint32(16)
+
+    @cuda.jit(device=True, inline=True)
+    def dequant(word):
+        if code == 0:
+            return bits_to_f32(word)
+        field = np.uint32(word & field_mask)
+        if code == 1:
+            return bits_to_f32(np.uint32(field << sixteen))
+        if code == 2:
+            return half_bits_to_f32(field)
+        return bits_to_f32(np.uint32(_MAGIC_BITS | np.uint32(field ^ sign))) - bias
+
+    return dequant
+
+
+def words32(raw: np.ndarray) -> np.ndarray:
+    """Bytes of stored values as little-endian uint32 words, plus one spare word."""
+    raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    padded = np.zeros((raw.size // 4 + 2) * 4, dtype=np.uint8)
+    padded[: raw.size] = raw
+    return padded.view("<u4").astype(np.uint32)
+
+
 def pad_to_pieces(raw: np.ndarray) -> np.ndarray:
     """Bytes of stored values as uint64 words, padded to whole 16-byte pieces plus one spare
     piece (an aligned 16-byte load may run past the last value)."""
