@@ -13,10 +13,15 @@ Layout (``FORMAT_VERSION`` 2)::
     DIR/tokenizer/           optional: the tokenizer's own files (JSON), for ``sparsec generate``
     DIR/kernels/             CPU targets: the kernels' relocatable object code (``*.o``) and the
                              generated kernel sources they were compiled from
-                             (see :mod:`sparsec.codegen.cpu.aot`)
+                             (see :mod:`sparsec.codegen.cpu.aot`); CUDA: each kernel's PTX
+                             (``*.sm_XY.ptx``) and cubin for the GPU it was compiled on
+                             (``*.sm_XYa.cubin``), for every batch bucket and both input dtypes
+                             (see :mod:`sparsec.codegen.cuda.aot`)
 
-CUDA artifacts hold no kernel code: the loader compiles their kernels again (the manifest says
-so under ``kernels.mode``).
+A CUDA artifact's manifest records, under ``kernels``, the GPU architecture (``arch``,
+``compute_capability``), the numba-cuda version, a fingerprint of the kernel sources and, per
+kernel, its cache key, bucket, input dtype, entry symbol and argument types as text. A model
+compiled under numba's CUDA simulator has no GPU code and is refused.
 
 Writes are atomic: the artifact is assembled in a temporary sibling directory and renamed into
 place, so an interrupted save leaves either the previous artifact or none under ``DIR``, never a
@@ -106,9 +111,11 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
 
     if not isinstance(compiled, CompiledModule):
         raise ArtifactError(f"save needs a CompiledModule from sparsec.compile, got {type(compiled).__name__}")
-    if compiled.target != "cpu":
-        raise ArtifactError(f"artifacts hold CPU object code; this model was compiled for {compiled.target!r}. "
-                            f"Compile it with target='cpu' to save it, or keep the {compiled.target} model in memory")
+    if compiled.target not in ("cpu", "cuda"):
+        raise ArtifactError(f"artifacts hold CPU or CUDA kernel code; this model was compiled for "
+                            f"{compiled.target!r}: compile it with target='cpu' or 'cuda' to save it")
+    if compiled.target == "cuda":
+        _check_cuda_savable()
     dest = Path(path)
     _check_destination(dest)
     gm = compiled.graph_module
@@ -154,7 +161,8 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
         (tmp / GRAPH).write_text(gm.code)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        manifest["kernels"] = _write_kernels(compiled.target, layers, tmp / KERNEL_DIR)
+        manifest["kernels"] = _write_kernels(compiled.target, layers, tmp / KERNEL_DIR,
+                                             [m.kernel for m in kernel_modules.values()])
         manifest["cpu_features"] = manifest["kernels"].get("features", [])
         manifest["files"] = {p.relative_to(tmp).as_posix(): _sha256(p)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -181,9 +189,24 @@ def _umask_permissions(tmp: Path) -> None:
     os.chmod(tmp, 0o777 & ~_umask())
 
 
-def _write_kernels(target: str, layers: list[dict], folder: Path) -> dict[str, Any]:
-    if target != "cpu":
-        return {"mode": "compile", "reason": f"{target} kernels are compiled again when the artifact loads"}
+def _check_cuda_savable() -> None:
+    """Refuse (before anything is written) a CUDA model that has no GPU code to store."""
+    from sparsec.codegen.cuda._compat import is_simulator
+
+    if is_simulator():
+        raise ArtifactError("this model was compiled for 'cuda' under numba's CUDA simulator "
+                            "(NUMBA_ENABLE_CUDASIM=1), which makes no GPU code to save; compile it on a machine "
+                            "with an NVIDIA GPU to save it, or compile it with target='cpu'")
+
+
+def _write_kernels(target: str, layers: list[dict], folder: Path, kernels: list[Any]) -> dict[str, Any]:
+    if target == "cuda":
+        from sparsec.codegen.cuda.aot import CudaAotError, export_kernels
+
+        try:
+            return export_kernels(kernels, folder)
+        except CudaAotError as e:
+            raise ArtifactError(str(e)) from None
     from sparsec.codegen.cpu.aot import DECODER_PREFIX, export_kernels
     from sparsec.codegen.cpu.kernel import kernel_modules
 

@@ -7,13 +7,16 @@ back into a :class:`~sparsec.runtime.compiled.CompiledModule`:
    versions that produced it against this environment (:func:`check_compatible`);
 2. the CPU kernels' object code is linked (:mod:`sparsec.codegen.cpu.aot`): a CPU without the
    features it was compiled for, other kernel sources or a symbol this process lacks is refused
-   before anything runs;
+   before anything runs; CUDA kernels are rebuilt from their cubin or PTX and installed in the
+   kernel cache (:mod:`sparsec.codegen.cuda.aot`): no GPU, a GPU that neither the cubin nor the
+   PTX serves, other kernel sources or another numba-cuda is refused;
 3. the graph is rebuilt node by node from ``graph.json`` (:func:`decode_graph`): operator targets
    are looked up by name (``aten::linear.default``, ``_operator:getitem``) in an allow-list of
    modules, tensors come from ``weights.safetensors``;
 4. each kernel module is rebuilt from its packed tensors and bound to the linked kernels.
 
-Nothing is unpickled (no ``pickle``, no ``torch.load``) and, on the CPU, no kernel is compiled.
+Nothing is unpickled (no ``pickle``, no ``torch.load``) and no kernel is compiled (the GPU driver
+compiles PTX when it loads it on a GPU other than the one the cubin was built for).
 ``graph.py`` in the artifact is the same graph as Python source, for people; it is never executed.
 
 The JSON form of a graph (:func:`encode_graph`) covers what ``torch.export`` and
@@ -433,6 +436,28 @@ def load_artifact(path: str | os.PathLike) -> Any:
     return compiled
 
 
+def _load_cuda_kernels(section: dict, folder: Path) -> Any:
+    """Rebuild and install a CUDA artifact's kernels from their saved GPU code (no compiling)."""
+    from sparsec.codegen.cuda import cuda_available
+    from sparsec.codegen.cuda.aot import MODE, CudaAotError, load_kernels
+    from sparsec.runtime.compiled import TargetUnavailableError
+
+    if section.get("mode") != MODE:
+        raise ArtifactError(f"the manifest's kernels section has mode {section.get('mode')!r}, not {MODE!r}: a CUDA "
+                            f"artifact must hold GPU code; recompile it")
+    ok, why = cuda_available()
+    if ok and why:  # the simulator runs Python, not the saved GPU code
+        ok = False
+    if not ok:
+        raise TargetUnavailableError(
+            f"this artifact holds GPU code for {section.get('arch')} and needs an NVIDIA GPU with a working driver "
+            f"to load: none was found ({why.rstrip('.')}); compile the model with target='cpu' to run it here")
+    try:
+        return load_kernels(section, folder)
+    except CudaAotError as e:
+        raise ArtifactError(str(e)) from None
+
+
 @contextlib.contextmanager
 def _one_torch_thread():
     """Loading runs hundreds of small checks and copies (one set per layer): torch's intra-op
@@ -467,6 +492,8 @@ def _load(root: Path) -> Any:
             linked = load_kernels(kernel_section, root / KERNEL_DIR)
         except AotError as e:
             raise ArtifactError(str(e)) from None
+    if target == "cuda":
+        linked = _load_cuda_kernels(kernel_section, root / KERNEL_DIR)
     build = kernel_builder(target)
     try:
         tensors = load_file(str(root / WEIGHTS))
@@ -489,6 +516,13 @@ def _load(root: Path) -> Any:
         bias = _tensor(tensors, f"{name}.bias") if layer.get("bias") else None
         kernel = build(packed, bias=bias, activation=layer.get("activation"))
         kernels[name] = KernelLinear(layer["layer"], packed, kernel, bias, layer.get("activation"), target)
+    if target == "cuda":
+        from sparsec.codegen.cuda.aot import missing_kernels
+
+        missing = missing_kernels([m.kernel for m in kernels.values()], linked.keys)
+        if missing:
+            raise ArtifactError(f"the artifact holds no GPU code for kernel {missing[0]} (of {len(missing)} missing) "
+                                f"that its layers launch; the artifact is damaged or incomplete: recompile it")
     gm = decode_graph(desc, tensors, kernels)
     gm.eval()
     compiled = CompiledModule(gm, method=manifest["capture_method"], input_names=manifest["input_names"],
