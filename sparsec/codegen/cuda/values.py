@@ -81,9 +81,10 @@ def make_dequant_low(value_type: str):
 
 
 def words32(raw: np.ndarray) -> np.ndarray:
-    """Bytes of stored values as little-endian uint32 words, plus one spare word."""
+    """Bytes of stored values as little-endian uint32 words, plus two spare words (a kernel may
+    load the word after the one holding the last value's successor)."""
     raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
-    padded = np.zeros((raw.size // 4 + 2) * 4, dtype=np.uint8)
+    padded = np.zeros((raw.size // 4 + 3) * 4, dtype=np.uint8)
     padded[: raw.size] = raw
     return padded.view("<u4").astype(np.uint32)
 
