@@ -75,7 +75,7 @@ for fmt, vt, batch in cases:
     out.append(dict(fmt=fmt, vt=vt, batch=batch, v2=count(r"ld\.global\.v2\.u64"),
                     shfl=count(r"shfl\.sync"), local=count(r"\.local"), f64=count(r"\.f64"),
                     lds=count(r"ld\.shared\.f32"), u64=count(r"\.[us]64\s"),
-                    target="sm_90" in ptx))
+                    target="sm_90" in ptx, lto=k.targetoptions.get("lto")))
 print(json.dumps(out))
 """
 
@@ -100,3 +100,5 @@ def test_kernels_compile_to_sm90_ptx() -> None:
         assert r["shfl"] >= 5, f"{name}: warp collectives do not use shuffles"
         assert r["local"] == 0, f"{name}: local memory in use (accumulators spilled?)"
         assert r["f64"] == 0, f"{name}: double-precision instructions emitted"
+        # numba-cuda enables LTO wherever nvJitLink is installed; artifacts need plain PTX
+        assert r["lto"] is False, f"{name}: compiled with link-time optimization"

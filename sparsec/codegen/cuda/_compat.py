@@ -43,3 +43,25 @@ def cuda_module() -> ModuleType:
     from numba import cuda
 
     return cuda
+
+
+class without_nrt:
+    """Context in which numba-cuda compiles kernels without its runtime library (NRT).
+
+    Some GPU images enable NRT for every kernel (``NUMBA_CUDA_ENABLE_NRT=1``); sparsec's kernels
+    allocate nothing, and compiled with NRT they would link its code as a separate file, which
+    an artifact's PTX cannot carry. Launches compile on first use, so kernels are launched (and
+    exported) inside this context; it only flips a flag, cheap beside a launch.
+    """
+
+    def __enter__(self) -> None:
+        try:
+            from numba.cuda.core import config
+        except ImportError:  # an older numba-cuda layout
+            from numba.core import config
+        self._config = config
+        self._saved = getattr(config, "CUDA_ENABLE_NRT", False)
+        config.CUDA_ENABLE_NRT = False
+
+    def __exit__(self, *exc: object) -> None:
+        self._config.CUDA_ENABLE_NRT = self._saved

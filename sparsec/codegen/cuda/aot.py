@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from sparsec.codegen.cuda._compat import without_nrt
+
 AOT_VERSION = 1
 #: ``kernels.mode`` of a manifest whose CUDA kernels are stored as GPU code.
 MODE = "gpu_code"
@@ -221,11 +223,13 @@ def _compiled(dispatcher: Any, argtypes: tuple, link: bool) -> Any:
         raise CudaAotError(f"kernel {dispatcher!r} has no code for argument types {signature_strings(argtypes)} "
                            f"and cannot compile any; recompile the model to save it")
     if link:  # on a GPU: compile as a launch would, so the process can use it too
-        return dispatcher.compile(argtypes)
+        with without_nrt():
+            return dispatcher.compile(argtypes)
     from numba.cuda.dispatcher import _Kernel
 
     # without a GPU: the same compilation, without loading the result on a device
-    return _Kernel(dispatcher.py_func, argtypes, **dispatcher.targetoptions)
+    with without_nrt():
+        return _Kernel(dispatcher.py_func, argtypes, **dispatcher.targetoptions)
 
 
 def _write_kernel(kern: Any, folder: Path, index: int, key_cc: tuple, link: bool,
@@ -233,8 +237,10 @@ def _write_kernel(kern: Any, folder: Path, index: int, key_cc: tuple, link: bool
     lib = kern.library
     where = f"kernel {entry['key']} for {entry['x_dtype']} inputs"
     if lib._linking_files or lib.needs_cudadevrt or getattr(lib, "_lto", False):
-        raise CudaAotError(f"{where} links other code (files, the CUDA runtime or LTO), which an artifact "
-                           f"does not hold; it cannot be saved")
+        linked = sorted(str(f) for f in lib._linking_files) + (["cudadevrt"] if lib.needs_cudadevrt else []) \
+            + (["LTO"] if getattr(lib, "_lto", False) else [])
+        raise CudaAotError(f"{where} links other code ({', '.join(linked)}), which an artifact does not hold; "
+                           f"it cannot be saved")
     if kern.debug:
         raise CudaAotError(f"{where} was compiled with debug=True, whose error reporting an artifact does not "
                            f"keep; compile without debug to save it")

@@ -34,6 +34,7 @@ from sparsec.codegen.cuda.device import (
     ACTIVATIONS,
     WARP,
     cuda,
+    jit_kernel,
     load_u64x2,
     warp_reduce_sum,
     warp_scan,
@@ -154,7 +155,7 @@ def make_kernel(
                     for b in range(batch):
                         acc[b] += v * np.float32(x[min(b, last), col])
 
-    @cuda.jit
+    @jit_kernel
     def kernel(y, x, m, rows, mask, words, row_offsets, scales, bias):
         tid = cuda.threadIdx.x
         warp = tid // WARP

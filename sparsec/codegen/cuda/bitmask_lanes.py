@@ -39,6 +39,7 @@ from sparsec.codegen.cuda.device import (
     ACTIVATIONS,
     WARP,
     cuda,
+    jit_kernel,
     warp_reduce_sum,
     warp_scan,
 )
@@ -186,33 +187,7 @@ def make_kernel(
     zero_u = np.uint32(0)
     dequant_low = make_dequant_low(value_type)
 
-    @cuda.jit(device=True, inline=True)
-    def next_column(rest, col_base):
-        """``(p, rest, col)``: the lowest set bit's 1-based position (0: none left), ``rest``
-        without it, and its column (0, a valid index, when none is left)."""
-        p = np.int32(cuda.ffs(rest))
-        rest = np.uint32(rest & np.uint32(rest - one))
-        col = np.uint32(col_base + (p << 5)) if p != 0 else zero_u
-        return p, rest, col
-
-    @cuda.jit(device=True, inline=True)
-    def take(cur, ahead, kk, words):
-        """The lane's next value, and its run's state moved past it."""
-        v = dequant_low(cur)
-        cur = np.uint32(cur >> field_shift)
-        kk = np.uint32(kk + one)
-        if (kk & vmask) == zero_u:
-            cur = ahead
-            ahead = words[(kk >> vshift) + one]
-        return v, cur, ahead, kk
-
-    @cuda.jit(device=True, inline=True)
-    def read_x(xs, x, b, last, col):
-        if stage:
-            return xs[np.uint32(b * cols_p + col)]
-        return np.float32(x[min(b, last), col])
-
-    @cuda.jit
+    @jit_kernel
     def kernel(y, x, m, rows, mask, words, row_offsets, scales, bias):
         tid = cuda.threadIdx.x
         warp = tid // WARP
@@ -257,45 +232,27 @@ def make_kernel(
                 rest = word
                 # Column of bit position p (1-based, from ffs): tile start + lane + 32 (p - 1).
                 col_base = np.int32(t * TILE_COLS + lane - 32)
-                # The lane's run of values: ``cur`` is the current word shifted so that its next
-                # value is the low field, ``ahead`` the word after it, loaded one word early.
+                # ``cur`` holds the current value word shifted so its next value is the low field.
                 cur = zero_u
-                ahead = zero_u
                 if rest != zero_u:
                     cur = np.uint32(words[kk >> vshift] >> np.uint32((kk & vmask) * field_bits))
-                    ahead = words[(kk >> vshift) + one]
-                # Four set bits a step: their four x reads are issued before any of their FMAs,
-                # so a warp keeps four shared-memory loads in flight instead of one.
                 while rest != zero_u:
-                    p0, rest, c0 = next_column(rest, col_base)
-                    p1, rest, c1 = next_column(rest, col_base)
-                    p2, rest, c2 = next_column(rest, col_base)
-                    p3, rest, c3 = next_column(rest, col_base)
-                    v0, cur, ahead, kk = take(cur, ahead, kk, words)
-                    v1 = np.float32(0.0)
-                    v2 = np.float32(0.0)
-                    v3 = np.float32(0.0)
-                    if p1 != 0:
-                        v1, cur, ahead, kk = take(cur, ahead, kk, words)
-                    if p2 != 0:
-                        v2, cur, ahead, kk = take(cur, ahead, kk, words)
-                    if p3 != 0:
-                        v3, cur, ahead, kk = take(cur, ahead, kk, words)
+                    if (kk & vmask) == zero_u:
+                        cur = words[kk >> vshift]
+                    pos = np.int32(cuda.ffs(rest))
+                    rest = np.uint32(rest & np.uint32(rest - one))
+                    col = np.uint32(col_base + (pos << 5))
+                    v = dequant_low(cur)
+                    cur = np.uint32(cur >> field_shift)
                     if vt == 4:
-                        v0 *= scales[row, c0 // gsize]
-                        v1 *= scales[row, c1 // gsize]
-                        v2 *= scales[row, c2 // gsize]
-                        v3 *= scales[row, c3 // gsize]
+                        v *= scales[row, col // gsize]
                     for b in range(batch):
-                        x0 = read_x(xs, x, b, last, c0)
-                        x1 = read_x(xs, x, b, last, c1)
-                        x2 = read_x(xs, x, b, last, c2)
-                        x3 = read_x(xs, x, b, last, c3)
-                        # An empty slot reads column 0 and must add nothing, even if x is inf there.
-                        x1 = x1 if p1 != 0 else np.float32(0.0)
-                        x2 = x2 if p2 != 0 else np.float32(0.0)
-                        x3 = x3 if p3 != 0 else np.float32(0.0)
-                        acc[b] += v0 * x0 + v1 * x1 + (v2 * x2 + v3 * x3)
+                        if stage:
+                            xv = xs[np.uint32(b * cols_p + col)]
+                        else:
+                            xv = np.float32(x[min(b, last), col])
+                        acc[b] += v * xv
+                    kk = np.uint32(kk + one)
                 start = np.int32(start + total)
             for b in range(batch):
                 s = warp_reduce_sum(acc[b], lane, sum_scratch[warp])

@@ -31,6 +31,18 @@ SIMULATOR: bool = is_simulator()
 FULL_MASK = 0xFFFFFFFF
 WARP = 32
 
+
+def jit_kernel(fn):
+    """``@cuda.jit`` for sparsec's kernels, compiled to self-contained PTX.
+
+    numba-cuda turns on link-time optimization whenever nvJitLink is installed; its code then
+    needs that linker at load time, and an artifact stores plain PTX and cubin. The kernels link
+    nothing else, so LTO has nothing to optimise across: it is switched off. (The simulator's
+    ``jit`` takes no ``lto`` option.)
+    """
+    return cuda.jit(fn) if SIMULATOR else cuda.jit(fn, lto=False)
+
+
 _F32_HALF = np.float32(0.5)
 _F32_ONE = np.float32(1.0)
 _F32_ZERO = np.float32(0.0)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsec.codegen.cuda._compat import without_nrt
 from sparsec.codegen.cuda.device import SIMULATOR, cuda
 
 _X_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
@@ -108,7 +109,8 @@ class CudaLinearKernel:
         if self._spec.grid_limit is not None:
             grid = max(1, min(grid, self._spec.grid_limit(bucket)))
         kern = self.kernel_for(bucket)
-        kern[grid, self._spec.threads_per_block, stream](y, x, m, self.rows, *self._device_args)
+        with without_nrt():  # the first launch of a signature compiles it
+            kern[grid, self._spec.threads_per_block, stream](y, x, m, self.rows, *self._device_args)
 
     def __call__(self, x):
         if isinstance(x, torch.Tensor):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsec.codegen.cuda.device import ACTIVATIONS, WARP, cuda, load_u64x2, warp_reduce_sum
+from sparsec.codegen.cuda.device import ACTIVATIONS, WARP, cuda, jit_kernel, load_u64x2, warp_reduce_sum
 from sparsec.codegen.cuda.values import VALUES_PER_WORD, kernel_scales, make_dequant, pad_to_pieces
 
 WARPS_PER_BLOCK = 4
@@ -113,7 +113,7 @@ def make_kernel(
                     for b in range(batch):
                         acc[b] += v * np.float32(x[min(b, last), col])
 
-    @cuda.jit
+    @jit_kernel
     def kernel(y, x, m, rows, positions, words, scales, bias):
         tid = cuda.threadIdx.x
         warp = tid // WARP
