@@ -547,19 +547,10 @@ def load_kernels(section: dict[str, Any], folder: str | os.PathLike, cc: tuple[i
 
 
 def _install(key: tuple, kern: Any) -> bool:
-    """Serve launches of specialization ``key`` (``KernelSpec.cache_key + (bucket,)``) with
-    ``kern`` unless this process already holds a kernel for it; True if installed.
+    """Install ``kern`` for specialization ``key`` in the kernel cache (see ``install_kernel``)."""
+    from sparsec.codegen.cuda.kernel import install_kernel
 
-    ``CudaLinearKernel.kernel_for`` looks its kernels up in this cache before making one, so a
-    kernel installed here is what every layer of that specialization launches.
-    """
-    from sparsec.codegen.cuda import kernel as kernel_module
-
-    cache_ = kernel_module._KERNEL_CACHE
-    if key in cache_:
-        return False
-    cache_[key] = kern
-    return True
+    return install_kernel(key, kern)
 
 
 def missing_kernels(kernels: list[Any], keys: set) -> list[str]:

@@ -56,6 +56,19 @@ class KernelSpec:
 _KERNEL_CACHE: dict[tuple, Any] = {}
 
 
+def install_kernel(key: tuple, kern: Any) -> bool:
+    """Serve launches of specialization ``key`` (``KernelSpec.cache_key + (bucket,)``) with
+    ``kern`` (launched as ``kern[grid, block, stream](*args)``) unless one is cached already.
+
+    Returns True if installed. Loaded artifacts use this to put prebuilt kernels where
+    :meth:`CudaLinearKernel.kernel_for` finds them, so no layer compiles its own.
+    """
+    if key in _KERNEL_CACHE:
+        return False
+    _KERNEL_CACHE[key] = kern
+    return True
+
+
 class CudaLinearKernel:
     """``y = act(x @ W^T + bias)`` for one packed weight, computed by a CUDA kernel.
 
