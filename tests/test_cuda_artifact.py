@@ -37,6 +37,13 @@ import pytest  # noqa: E402
 
 import sparsec  # noqa: E402
 from sparsec.codegen.cuda import aot  # noqa: E402
+from sparsec.codegen.cuda._compat import is_simulator  # noqa: E402
+
+#: Under the simulator ``numba.cuda.types`` is a stub: tests of numba-cuda's real types run in a
+#: child process without it (``test_real_type_tests_run_without_the_simulator``).
+_REAL_TYPES = ("test_signature_text_round_trips",
+               "test_prebuilt_kernel_picks_the_saved_signature_and_takes_dispatcher_launch_configs")
+needs_real_types = pytest.mark.skipif(is_simulator(), reason="needs numba-cuda's real types; run in a child process")
 from sparsec.runtime.artifact import MANIFEST, ArtifactError, manifest_digest, read_manifest, versions  # noqa: E402
 from sparsec.runtime.compiled import TargetUnavailableError  # noqa: E402
 
@@ -91,6 +98,7 @@ def test_ptx_only_entries_serve_their_gpu_and_newer():
     assert aot.choose_code(entry, (9, 0)) == "ptx" and aot.choose_code(entry, (10, 3)) == "ptx"
 
 
+@needs_real_types
 def test_signature_text_round_trips():
     from numba.cuda import types
 
@@ -106,6 +114,16 @@ def test_signature_text_round_trips():
         aot.parse_signature(["array(object, 1d, C)"])
 
 
+def test_real_type_tests_run_without_the_simulator():
+    if not is_simulator():
+        pytest.skip("the real-type tests ran directly in this process")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", PYTHONPATH=str(Path(sparsec.__file__).parent.parent))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *(f"{__file__}::{name}" for name in _REAL_TYPES)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
 def test_cache_keys_round_trip_through_json():
     key = ("bitmask", "int4", 4096, None, True, 128, 4, 16)
     assert aot.key_from_json(json.loads(json.dumps(aot._jsonable_key(key)))) == key
@@ -116,6 +134,7 @@ class _FakeKernel:
         self.argument_types = argtypes
 
 
+@needs_real_types
 def test_prebuilt_kernel_picks_the_saved_signature_and_takes_dispatcher_launch_configs():
     from numba.cuda import types
 
