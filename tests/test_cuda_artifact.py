@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
 
 import glob  # noqa: E402
 import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -43,7 +44,9 @@ from sparsec.codegen.cuda._compat import is_simulator  # noqa: E402
 #: child process without it (``test_real_type_tests_run_without_the_simulator``).
 _REAL_TYPES = ("test_signature_text_round_trips",
                "test_prebuilt_kernel_picks_the_saved_signature_and_takes_dispatcher_launch_configs")
-needs_real_types = pytest.mark.skipif(is_simulator(), reason="needs numba-cuda's real types; run in a child process")
+_HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+needs_real_types = pytest.mark.skipif(is_simulator() or not _HAVE_NUMBA_CUDA,
+                                      reason="needs numba-cuda's real types (pip install 'sparsec[gpu]')")
 from sparsec.runtime.artifact import MANIFEST, ArtifactError, manifest_digest, read_manifest, versions  # noqa: E402
 from sparsec.runtime.compiled import TargetUnavailableError  # noqa: E402
 
@@ -117,6 +120,8 @@ def test_signature_text_round_trips():
 def test_real_type_tests_run_without_the_simulator():
     if not is_simulator():
         pytest.skip("the real-type tests ran directly in this process")
+    if not _HAVE_NUMBA_CUDA:
+        pytest.skip("numba-cuda is not installed (pip install 'sparsec[gpu]'); its types cannot be checked")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", PYTHONPATH=str(Path(sparsec.__file__).parent.parent))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            *(f"{__file__}::{name}" for name in _REAL_TYPES)],
