@@ -4,8 +4,15 @@
 #   bash benchmarks/gpu_session.sh kernels   # environment, CUDA kernel tests on the GPU, kernel benchmark
 #                                            # (both bitmask designs at 75%, the default one elsewhere),
 #                                            # rows per block swept on the target cases
+#   bash benchmarks/gpu_session.sh profile   # Nsight Compute on the bitmask kernels (needs hardware
+#                                            # counters: Firecracker machines have them, gVisor ones not)
 #   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager, the CUDA artifact
 #                                            # round trip; recovery on the GPU when RECOVERY_ARGS is set
+#
+# The SmolLM2 GGUF (98 MB) is larger than one device call may carry (64 MiB): carry half of it in
+# a first call that copies it to /tmp on the device (`cp .gpu1/part1 /tmp/`), and the other half in
+# an immediate second call that runs `cat /tmp/part1 .gpu2/part2 > /tmp/smol.gguf` first. A carried
+# folder is not kept for the next call; /tmp on a machine still warm is.
 #
 # Each step runs under its own time limit, so one slow or failing step still leaves the others'
 # output. Logs and JSON go to $OUT (default /tmp/sparsec-gpu). The GPU image has torch, numba and
@@ -46,6 +53,18 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
       --shapes 11008x4096,4096x11008 --batches 1,16 --json "$OUT/gpu_kernels_other.json"
     step tune "${TUNE_LIMIT:-30}" $PY benchmarks/gpu_kernels.py --shapes 11008x4096,4096x11008 \
       --sparsities 0.75 --batches 1 --warps 4,8 --json "$OUT/gpu_tune.json"
+    ;;
+  profile)
+    # One profiled launch per kernel (after warm-up and compilation), the sections that say what
+    # bounds it: throughput against the limits, occupancy, why warps stall, issue efficiency.
+    sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats"
+    sections="$sections --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"
+    for case in "lanes fp16 auto" "lanes fp16 off" "lanes int4 auto" "tiles fp16 auto"; do
+      set -- $case
+      # shellcheck disable=SC2086
+      step "ncu_$1_$2_stage-$3" "${PROFILE_LIMIT:-90}" ncu --clock-control none --launch-skip 3 \
+        --launch-count 1 $sections $PY benchmarks/gpu_profile.py --design "$1" --value-type "$2" --stage-x "$3"
+    done
     ;;
   e2e)
     gguf=${2:?give the SmolLM2-135M GGUF file}
