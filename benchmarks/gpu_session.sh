@@ -47,7 +47,7 @@ print(sys.version.split()[0], \"numpy\", numpy.__version__, \"torch\", torch.__v
       \"numba-cuda\", v(\"numba-cuda\"), \"transformers\", transformers.__version__)
 from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda_available())"'
     step tests "${TESTS_LIMIT:-170}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
-    step bench75 "${BENCH_LIMIT:-140}" $PY benchmarks/gpu_kernels.py --sparsities 0.75 --designs "${DESIGNS:-lanes,tiles}" \
+    step bench75 "${BENCH_LIMIT:-140}" $PY benchmarks/gpu_kernels.py --sparsities 0.75 --designs "${DESIGNS:-lanes,split,tiles}" \
       --json "$OUT/gpu_kernels_75.json"
     step bench "${BENCH2_LIMIT:-60}" $PY benchmarks/gpu_kernels.py --sparsities 0.5,0.9,2:4 \
       --shapes 11008x4096,4096x11008 --batches 1,16 --json "$OUT/gpu_kernels_other.json"

@@ -10,6 +10,7 @@ import torch
 from sparsec.codegen.cuda import BITMASK_DESIGNS, KERNEL_FORMATS
 from sparsec.codegen.cuda import bitmask as bitmask_kernels
 from sparsec.codegen.cuda import bitmask_lanes as lane_kernels
+from sparsec.codegen.cuda import bitmask_split as split_kernels
 from sparsec.codegen.cuda import nm as nm_kernels
 from sparsec.codegen.cuda.dense import DenseCudaLinear
 from sparsec.codegen.cuda.kernel import CudaLinearKernel, KernelSpec
@@ -49,17 +50,25 @@ def _resident_blocks(threads: int, shared: int) -> int:
 
 
 def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: bool,
-                        warps: int | None) -> KernelSpec:
+                        warps: int | None, design: str = "lanes") -> KernelSpec:
+    """The ``lanes`` and ``split`` designs: same weight layout and launch, different kernels."""
     a = packed.arrays()  # type: ignore[attr-defined]
-    arrays = lane_kernels.prepare_arrays(
-        a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
-    )
+    module = split_kernels if design == "split" else lane_kernels
+    if design == "split":
+        arrays = split_kernels.prepare_arrays(
+            a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
+        )
+    else:
+        lanes = lane_kernels.prepare_arrays(
+            a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
+        )
+        arrays = (lanes.mask, lanes.words, lanes.row_offsets, lanes.scales)
     group_size = int(a.group_size) if a.value_type == "int4" else 1
-    warps = warps or lane_kernels.WARPS_PER_BLOCK
-    key = ("bitmask-lanes", a.value_type, a.cols, activation, has_bias, group_size, warps)
+    warps = warps or module.WARPS_PER_BLOCK
+    key = (f"bitmask-{design}", a.value_type, a.cols, activation, has_bias, group_size, warps)
 
     def make(bucket: int):
-        return lane_kernels.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
+        return module.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
 
     def grid_limit(bucket: int) -> int:
         return _resident_blocks(32 * warps, lane_kernels.shared_bytes(a.cols, bucket, warps))
@@ -69,7 +78,7 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
         value_type=a.value_type,
         rows=a.rows,
         cols=a.cols,
-        arrays=(arrays.mask, arrays.words, arrays.row_offsets, arrays.scales),
+        arrays=arrays,
         make=make,
         rows_per_block=warps,
         threads_per_block=32 * warps,
@@ -81,8 +90,9 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
 
 def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool, warps: int | None,
                   design: str | None = None) -> KernelSpec:
-    if (design or BITMASK_DESIGNS[0]) == "lanes":
-        return _bitmask_lanes_spec(packed, activation, has_bias, warps)
+    design = design or BITMASK_DESIGNS[0]
+    if design in ("lanes", "split"):
+        return _bitmask_lanes_spec(packed, activation, has_bias, warps, design)
     a = packed.arrays()  # type: ignore[attr-defined]
     arrays = bitmask_kernels.prepare_arrays(
         a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
