@@ -31,12 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsec.codegen.cuda.device import (
-    ACTIVATIONS,
     WARP,
     cuda,
     jit_kernel,
     load_u64x2,
-    warp_reduce_sum,
+    make_epilogue,
     warp_scan,
     warp_sync,
 )
@@ -127,7 +126,7 @@ def make_kernel(
     ntiles = math.ceil(nwords / TILE_WORDS)
     # Shared column lists: 2 bytes a column while every column number fits, 4 beyond that.
     idx_dtype = np.uint16 if cols <= 65536 else np.int32
-    act = ACTIVATIONS[activation]
+    finish = make_epilogue(batch, value_type, has_bias, activation)
     gsize = int(group_size)
     warps = int(warps)
     tile_cols = TILE_COLS
@@ -224,13 +223,6 @@ def make_kernel(
                 piece = following
             warp_sync()
             start = end
-        for b in range(batch):
-            s = warp_reduce_sum(acc[b], lane, sum_scratch[warp])
-            if live and lane == 0 and b < m:
-                if vt == 3:
-                    s *= scales[row, 0]
-                if has_bias:
-                    s += bias[row]
-                y[b, row] = act(s)
+        finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])
 
     return kernel

@@ -36,11 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsec.codegen.cuda.device import (
-    ACTIVATIONS,
     WARP,
     cuda,
     jit_kernel,
-    warp_reduce_sum,
+    make_epilogue,
     warp_scan,
 )
 from sparsec.codegen.cuda.values import kernel_scales, make_dequant_low, words32
@@ -69,6 +68,32 @@ def shared_bytes(cols: int, batch: int, warps: int) -> int:
     """Shared memory one block of the kernel uses on a GPU (staged ``x``; the scratch rows are
     used by the simulator only)."""
     return (batch * padded_cols(cols) * 4 if stages_x(cols, batch) else 0) + 16
+
+
+def make_stage_x(cols: int, batch: int, threads: int):
+    """Device function ``stage_x(xs, x, tid, last)``: the block copies ``x [m, cols]`` into the
+    float32 shared array ``xs [batch * padded_cols]``, then synchronises.
+
+    Batch rows past ``m`` repeat row ``m - 1`` (``last``); padding columns hold zero, and are
+    never read (no mask bit). Every thread of the block must call it.
+    """
+    cols_p = padded_cols(cols)
+    xs_len = batch * cols_p
+
+    @cuda.jit(device=True, inline=True)
+    def stage_x(xs, x, tid, last):
+        i = tid
+        while i < xs_len:
+            b = i // cols_p
+            c = i - b * cols_p
+            v = np.float32(0.0)
+            if c < cols:
+                v = np.float32(x[min(b, last), c])
+            xs[i] = v
+            i += threads
+        cuda.syncthreads()
+
+    return stage_x
 
 
 @dataclass(frozen=True)
@@ -179,10 +204,10 @@ def make_kernel(
     ntiles = cols_p // TILE_COLS
     stage = stages_x(cols, batch)
     xs_len = batch * cols_p if stage else 1
-    act = ACTIVATIONS[activation]
+    finish = make_epilogue(batch, value_type, has_bias, activation)
+    stage_x = make_stage_x(cols, batch, warps * WARP)
     gsize = int(group_size)
     warps = int(warps)
-    threads = warps * WARP
     one = np.uint32(1)
     zero_u = np.uint32(0)
     dequant_low = make_dequant_low(value_type)
@@ -197,17 +222,7 @@ def make_kernel(
         xs = cuda.shared.array(xs_len, np.float32)
         last = m - 1
         if stage:
-            # Batch rows past m repeat row m-1; columns past cols are never read (no mask bit).
-            i = tid
-            while i < xs_len:
-                b = i // cols_p
-                c = i - b * cols_p
-                v = np.float32(0.0)
-                if c < cols:
-                    v = np.float32(x[min(b, last), c])
-                xs[i] = v
-                i += threads
-            cuda.syncthreads()
+            stage_x(xs, x, tid, last)
         acc = cuda.local.array(batch, np.float32)
         groups = (rows + warps - 1) // warps
         # Every warp of a block runs the same row groups and tiles, even past the last row:
@@ -254,14 +269,7 @@ def make_kernel(
                         acc[b] += v * xv
                     kk = np.uint32(kk + one)
                 start = np.int32(start + total)
-            for b in range(batch):
-                s = warp_reduce_sum(acc[b], lane, sum_scratch[warp])
-                if live and lane == 0 and b < m:
-                    if vt == 3:
-                        s *= scales[row, 0]
-                    if has_bias:
-                        s += bias[row]
-                    y[b, row] = act(s)
+            finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])
             g += cuda.gridDim.x
 
     return kernel

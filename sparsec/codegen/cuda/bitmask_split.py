@@ -27,14 +27,13 @@ import numpy as np
 
 from sparsec.codegen.cuda import bitmask_lanes
 from sparsec.codegen.cuda.device import (
-    ACTIVATIONS,
     SIMULATOR,
     WARP,
     cuda,
     jit_kernel,
     load_u64x2,
+    make_epilogue,
     warp_read,
-    warp_reduce_sum,
     warp_scan,
     warp_sync,
 )
@@ -75,10 +74,10 @@ def make_kernel(
     ntiles = cols_p // TILE_COLS
     stage = bitmask_lanes.stages_x(cols, batch)
     xs_len = batch * cols_p if stage else 1
-    act = ACTIVATIONS[activation]
+    finish = make_epilogue(batch, value_type, has_bias, activation)
+    stage_x = bitmask_lanes.make_stage_x(cols, batch, warps * WARP)
     gsize = int(group_size)
     warps = int(warps)
-    threads = warps * WARP
     one = np.uint32(1)
     zero_u = np.uint32(0)
     zero64 = np.uint64(0)
@@ -122,16 +121,7 @@ def make_kernel(
         xs = cuda.shared.array(xs_len, np.float32)
         last = m - 1
         if stage:
-            i = tid
-            while i < xs_len:
-                b = i // cols_p
-                c = i - b * cols_p
-                v = np.float32(0.0)
-                if c < cols:
-                    v = np.float32(x[min(b, last), c])
-                xs[i] = v
-                i += threads
-            cuda.syncthreads()
+            stage_x(xs, x, tid, last)
         acc = cuda.local.array(batch, np.float32)
         words_s = words_all[warp]
         npieces_all = pieces.shape[0] // 2
@@ -200,14 +190,7 @@ def make_kernel(
                                                     row)
                 warp_sync()  # words_s is rewritten by the next tile
                 start = np.int32(start + total)
-            for b in range(batch):
-                s = warp_reduce_sum(acc[b], lane, sum_scratch[warp])
-                if live and lane == 0 and b < m:
-                    if vt == 3:
-                        s *= scales[row, 0]
-                    if has_bias:
-                        s += bias[row]
-                    y[b, row] = act(s)
+            finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])
             g += cuda.gridDim.x
 
     return kernel

@@ -252,3 +252,28 @@ ACTIVATIONS = {
     "gelu": act_gelu,
     "gelu_tanh": act_gelu_tanh,
 }
+
+
+def make_epilogue(batch: int, value_type: str, has_bias: bool, activation: str | None):
+    """Device function ``finish(y, acc, m, row, live, lane, scales, bias, scratch)`` ending a row.
+
+    For each batch row ``b < m`` it sums the lanes' partial results ``acc[b]`` (a collective:
+    every warp of the block calls it, live or not, see the module docstring), and lane 0 of a
+    live warp applies the int8 row scale, the bias and the activation and stores ``y[b, row]``.
+    ``scratch`` is the warp's float32 row for the simulator's reduction.
+    """
+    per_row_scale = value_type == "int8"
+    act = ACTIVATIONS[activation]
+
+    @cuda.jit(device=True, inline=True)
+    def finish(y, acc, m, row, live, lane, scales, bias, scratch):
+        for b in range(batch):
+            s = warp_reduce_sum(acc[b], lane, scratch)
+            if live and lane == 0 and b < m:
+                if per_row_scale:
+                    s *= scales[row, 0]
+                if has_bias:
+                    s += bias[row]
+                y[b, row] = act(s)
+
+    return finish

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsec.codegen.cuda.device import ACTIVATIONS, WARP, cuda, jit_kernel, load_u64x2, warp_reduce_sum
+from sparsec.codegen.cuda.device import WARP, cuda, jit_kernel, load_u64x2, make_epilogue
 from sparsec.codegen.cuda.values import VALUES_PER_WORD, kernel_scales, make_dequant, pad_to_pieces
 
 WARPS_PER_BLOCK = 4
@@ -83,7 +83,7 @@ def make_kernel(
     field_mask = np.uint64((1 << bits) - 1)
     straddles = 32 % bits != 0
     group_n, group_m = n, m
-    act = ACTIVATIONS[activation]
+    finish = make_epilogue(batch, value_type, has_bias, activation)
     gsize = int(group_size)
     warps = int(warps)  # rows (warps) per block, a tuning knob
     dequant = make_dequant(value_type)
@@ -151,13 +151,6 @@ def make_kernel(
                 hi = next_hi
                 piece = following
         # Reached by every warp of the block, live or not (see device.py).
-        for b in range(batch):
-            s = warp_reduce_sum(acc[b], lane, sum_scratch[warp])
-            if live and lane == 0 and b < m:
-                if vt == 3:
-                    s *= scales[row, 0]
-                if has_bias:
-                    s += bias[row]
-                y[b, row] = act(s)
+        finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])
 
     return kernel
