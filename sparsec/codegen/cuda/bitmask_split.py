@@ -82,9 +82,7 @@ def make_kernel(
     zero_u = np.uint32(0)
     zero64 = np.uint64(0)
     dequant = make_dequant(value_type)
-    # the most pieces one tile's values can touch (all 1024 kept, not aligned to a piece)
     words_row = WARP + 1  # the tile's 32 words and a sentinel
-    max_rounds = (TILE_COLS // per_piece + 1 + WARP - 1) // WARP
 
     @cuda.jit(device=True, inline=True)
     def read_x(xs, x, b, last, col):
@@ -119,6 +117,7 @@ def make_kernel(
         sum_scratch = cuda.shared.array((warps, WARP), np.float32)
         words_all = cuda.shared.array((warps, words_row), np.uint32)
         xs = cuda.shared.array(xs_len, np.float32)
+        block_rounds = cuda.shared.array(1, np.int32)  # the simulator's only
         last = m - 1
         if stage:
             stage_x(xs, x, tid, last)
@@ -151,8 +150,16 @@ def make_kernel(
                 last_piece = (start + total - 1) // per_piece
                 rounds = (last_piece - first_piece + WARP) // WARP if total > 0 else 0
                 if SIMULATOR:
-                    # the simulator's collectives synchronise the whole block: same rounds everywhere
-                    rounds = max_rounds
+                    # The simulator's collectives synchronise the whole block, so every warp runs
+                    # the block's largest round count (a GPU's shuffles need only the warp's own).
+                    if tid == 0:
+                        block_rounds[0] = 0
+                    cuda.syncthreads()
+                    if lane == 0:
+                        cuda.atomic.max(block_rounds, 0, rounds)
+                    cuda.syncthreads()
+                    rounds = block_rounds[0]
+                    cuda.syncthreads()
                 for rnd in range(rounds):
                     piece = first_piece + rnd * WARP + lane
                     active = live and piece <= last_piece
