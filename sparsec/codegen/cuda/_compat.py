@@ -54,14 +54,18 @@ class without_nrt:
     exported) inside this context; it only flips a flag, cheap beside a launch.
     """
 
+    _config = None  # numba-cuda's config module, found on first use
+
     def __enter__(self) -> None:
-        try:
-            from numba.cuda.core import config
-        except ImportError:  # an older numba-cuda layout
-            from numba.core import config
-        self._config = config
+        config = without_nrt._config
+        if config is None:
+            try:
+                from numba.cuda.core import config
+            except ImportError:  # an older numba-cuda layout
+                from numba.core import config
+            without_nrt._config = config
         self._saved = getattr(config, "CUDA_ENABLE_NRT", False)
         config.CUDA_ENABLE_NRT = False
 
     def __exit__(self, *exc: object) -> None:
-        self._config.CUDA_ENABLE_NRT = self._saved
+        without_nrt._config.CUDA_ENABLE_NRT = self._saved

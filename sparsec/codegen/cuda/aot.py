@@ -535,22 +535,17 @@ def load_kernels(section: dict[str, Any], folder: str | os.PathLike, cc: tuple[i
         else:
             out.from_ptx += 1
         grouped.setdefault(key_from_json(entry["key"]), []).append(kern)
+    from sparsec.codegen.cuda.kernel import install_kernel  # imports numba-cuda: only when loading
+
     for key, kernels in grouped.items():
         out.kernels[key] = PrebuiltKernel(kernels, label="/".join(map(str, key)))
         if not install:
             continue
-        if _install(key, out.kernels[key]):
+        if install_kernel(key, out.kernels[key]):
             out.installed += 1
         else:
             out.present += 1
     return out
-
-
-def _install(key: tuple, kern: Any) -> bool:
-    """Install ``kern`` for specialization ``key`` in the kernel cache (see ``install_kernel``)."""
-    from sparsec.codegen.cuda.kernel import install_kernel
-
-    return install_kernel(key, kern)
 
 
 def missing_kernels(kernels: list[Any], keys: set) -> list[str]:

@@ -41,6 +41,7 @@ from sparsec.codegen.cuda.device import (
 )
 from sparsec.codegen.cuda.values import (
     BATCH_BUCKETS,
+    VALUE_CODES,
     VALUES_PER_WORD,
     kernel_scales,
     make_dequant,
@@ -119,7 +120,7 @@ def make_kernel(
     the weight arrays from :func:`prepare_arrays`, ``bias`` float32 ``[rows]`` (any float32
     array when ``has_bias`` is false).
     """
-    vt = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}[value_type]
+    vt = VALUE_CODES[value_type]
     per_word = VALUES_PER_WORD[value_type]
     per_piece = 2 * per_word
     nwords = math.ceil(cols / 64)

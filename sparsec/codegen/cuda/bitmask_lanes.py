@@ -42,7 +42,7 @@ from sparsec.codegen.cuda.device import (
     make_epilogue,
     warp_scan,
 )
-from sparsec.codegen.cuda.values import kernel_scales, make_dequant_low, words32
+from sparsec.codegen.cuda.values import VALUE_CODES, VALUES_PER_U32, kernel_scales, make_dequant_low, words32
 
 #: Columns a tile covers: 32 lanes x one 32-bit mask word.
 TILE_COLS = WARP * 32
@@ -50,8 +50,6 @@ TILE_COLS = WARP * 32
 WARPS_PER_BLOCK = 8
 #: Shared memory a block may use for staged ``x`` (the static limit is 48 KiB a block).
 X_STAGE_BYTES = 47 * 1024
-#: Values per 32-bit word and its log2, by value type.
-VALUES_PER_U32 = {"fp32": 1, "bf16": 2, "fp16": 2, "int8": 4, "int4": 8}
 
 
 def padded_cols(cols: int) -> int:
@@ -65,8 +63,8 @@ def stages_x(cols: int, batch: int) -> bool:
 
 
 def shared_bytes(cols: int, batch: int, warps: int) -> int:
-    """Shared memory one block of the kernel uses on a GPU (staged ``x``; the scratch rows are
-    used by the simulator only)."""
+    """Shared memory one block of the kernel uses on a GPU: staged ``x`` (the scratch rows are
+    used by the simulator only). ``warps`` is taken for the signature the split design shares."""
     return (batch * padded_cols(cols) * 4 if stages_x(cols, batch) else 0) + 16
 
 
@@ -96,12 +94,27 @@ def make_stage_x(cols: int, batch: int, threads: int):
     return stage_x
 
 
+def make_read_x(cols: int, batch: int):
+    """Device function ``read_x(xs, x, b, last, col)``: ``x[min(b, last), col]`` as float32, from
+    the shared copy when the kernel stages ``x`` (:func:`stages_x`), else from global memory."""
+    cols_p = padded_cols(cols)
+    stage = stages_x(cols, batch)
+
+    @cuda.jit(device=True, inline=True)
+    def read_x(xs, x, b, last, col):
+        if stage:
+            return xs[np.uint32(b * cols_p + col)]
+        return np.float32(x[min(b, last), col])
+
+    return read_x
+
+
 @dataclass(frozen=True)
 class LaneArrays:
     """Host arrays in the layout the kernel reads (moved to the device by the caller)."""
 
     mask: np.ndarray  # uint32 [rows, tiles * 32]: transposed tile words
-    words: np.ndarray  # uint32 [n]: values in lane order, padded with spare words
+    words: np.ndarray  # uint32 [n]: values in lane order (the split design: uint64 16-byte pieces)
     row_offsets: np.ndarray  # int32 [rows]: start of each row, in values
     scales: np.ndarray  # float32 [rows, G] (int8: G=1; float types: [1, 1], unused)
 
@@ -194,7 +207,7 @@ def make_kernel(
     the weight arrays from :func:`prepare_arrays`, ``bias`` float32 ``[rows]`` (any float32
     array when ``has_bias`` is false).
     """
-    vt = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}[value_type]
+    vt = VALUE_CODES[value_type]
     per_u32 = VALUES_PER_U32[value_type]
     vshift = np.uint32(int(math.log2(per_u32)))
     vmask = np.uint32(per_u32 - 1)
@@ -206,6 +219,7 @@ def make_kernel(
     xs_len = batch * cols_p if stage else 1
     finish = make_epilogue(batch, value_type, has_bias, activation)
     stage_x = make_stage_x(cols, batch, warps * WARP)
+    read_x = make_read_x(cols, batch)
     gsize = int(group_size)
     warps = int(warps)
     one = np.uint32(1)
@@ -262,11 +276,7 @@ def make_kernel(
                     if vt == 4:
                         v *= scales[row, col // gsize]
                     for b in range(batch):
-                        if stage:
-                            xv = xs[np.uint32(b * cols_p + col)]
-                        else:
-                            xv = np.float32(x[min(b, last), col])
-                        acc[b] += v * xv
+                        acc[b] += v * read_x(xs, x, b, last, col)
                     kk = np.uint32(kk + one)
                 start = np.int32(start + total)
             finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])

@@ -21,7 +21,7 @@ Launch: as the lane-word kernel (persistent blocks of ``warps`` rows, ``block = 
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import numpy as np
 
@@ -37,17 +37,23 @@ from sparsec.codegen.cuda.device import (
     warp_scan,
     warp_sync,
 )
-from sparsec.codegen.cuda.values import VALUES_PER_WORD, make_dequant, pad_to_pieces
+from sparsec.codegen.cuda.values import VALUE_CODES, VALUES_PER_WORD, make_dequant, pad_to_pieces
 
 TILE_COLS = bitmask_lanes.TILE_COLS
 WARPS_PER_BLOCK = bitmask_lanes.WARPS_PER_BLOCK
 
 
-def prepare_arrays(rows, cols, value_type, values, bitmask, row_offsets, scales):
+def prepare_arrays(rows, cols, value_type, values, bitmask, row_offsets, scales) -> bitmask_lanes.LaneArrays:
     """The lane-word layout (see ``bitmask_lanes.prepare_arrays``) with the values as 16-byte
-    pieces: ``(mask uint32 [rows, tiles*32], pieces uint64 [2n], row_offsets int32, scales)``."""
+    pieces (``words``: uint64, two a piece, plus a spare piece)."""
     lanes = bitmask_lanes.prepare_arrays(rows, cols, value_type, values, bitmask, row_offsets, scales)
-    return lanes.mask, pad_to_pieces(lanes.words.view(np.uint8)), lanes.row_offsets, lanes.scales
+    return dataclasses.replace(lanes, words=pad_to_pieces(lanes.words.view(np.uint8)))
+
+
+def shared_bytes(cols: int, batch: int, warps: int) -> int:
+    """Shared memory one block uses on a GPU: the lane-word kernel's, plus each warp's copy of
+    the tile's mask words and a sentinel."""
+    return bitmask_lanes.shared_bytes(cols, batch, warps) + warps * (WARP + 1) * 4
 
 
 def make_kernel(
@@ -67,7 +73,7 @@ def make_kernel(
     the weight arrays from :func:`prepare_arrays`, ``bias`` float32 ``[rows]`` (any float32
     array when ``has_bias`` is false).
     """
-    vt = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}[value_type]
+    vt = VALUE_CODES[value_type]
     per_word = VALUES_PER_WORD[value_type]
     per_piece = 2 * per_word
     cols_p = bitmask_lanes.padded_cols(cols)
@@ -76,19 +82,14 @@ def make_kernel(
     xs_len = batch * cols_p if stage else 1
     finish = make_epilogue(batch, value_type, has_bias, activation)
     stage_x = bitmask_lanes.make_stage_x(cols, batch, warps * WARP)
+    read_x = bitmask_lanes.make_read_x(cols, batch)
     gsize = int(group_size)
     warps = int(warps)
     one = np.uint32(1)
     zero_u = np.uint32(0)
     zero64 = np.uint64(0)
     dequant = make_dequant(value_type)
-    words_row = WARP + 1  # the tile's 32 words and a sentinel
-
-    @cuda.jit(device=True, inline=True)
-    def read_x(xs, x, b, last, col):
-        if stage:
-            return xs[np.uint32(b * cols_p + col)]
-        return np.float32(x[min(b, last), col])
+    words_row = WARP + 1  # the tile's 32 words and a sentinel (see shared_bytes)
 
     @cuda.jit(device=True, inline=True)
     def take_value(acc, lo, hi, e, cur, w, words_s, col0, xs, x, last, scales, row):
@@ -202,7 +203,3 @@ def make_kernel(
 
     return kernel
 
-
-def pieces_per_row(cols: int, value_type: str) -> int:
-    """Upper bound of 16-byte pieces a row of ``cols`` columns reads (for sizing estimates)."""
-    return math.ceil(cols / (2 * VALUES_PER_WORD[value_type])) + 1

@@ -54,15 +54,8 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
     """The ``lanes`` and ``split`` designs: same weight layout and launch, different kernels."""
     a = packed.arrays()  # type: ignore[attr-defined]
     module = split_kernels if design == "split" else lane_kernels
-    if design == "split":
-        arrays = split_kernels.prepare_arrays(
-            a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
-        )
-    else:
-        lanes = lane_kernels.prepare_arrays(
-            a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales
-        )
-        arrays = (lanes.mask, lanes.words, lanes.row_offsets, lanes.scales)
+    prepared = module.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales)
+    arrays = (prepared.mask, prepared.words, prepared.row_offsets, prepared.scales)
     group_size = int(a.group_size) if a.value_type == "int4" else 1
     warps = warps or module.WARPS_PER_BLOCK
     key = (f"bitmask-{design}", a.value_type, a.cols, activation, has_bias, group_size, warps)
@@ -70,8 +63,13 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
     def make(bucket: int):
         return module.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
 
+    # asked at every launch: the device is queried once per bucket
+    resident: dict[int, int] = {}
+
     def grid_limit(bucket: int) -> int:
-        return _resident_blocks(32 * warps, lane_kernels.shared_bytes(a.cols, bucket, warps))
+        if bucket not in resident:
+            resident[bucket] = _resident_blocks(32 * warps, module.shared_bytes(a.cols, bucket, warps))
+        return resident[bucket]
 
     return KernelSpec(
         format_name="bitmask",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsec.codegen.cuda.device import WARP, cuda, jit_kernel, load_u64x2, make_epilogue
-from sparsec.codegen.cuda.values import VALUES_PER_WORD, kernel_scales, make_dequant, pad_to_pieces
+from sparsec.codegen.cuda.values import VALUE_CODES, VALUES_PER_WORD, kernel_scales, make_dequant, pad_to_pieces
 
 WARPS_PER_BLOCK = 4
 
@@ -75,7 +75,7 @@ def make_kernel(
     with the arrays of :func:`prepare_arrays` (same ``x``/``y``/``bias`` contract as the bitmask
     kernels).
     """
-    vt = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}[value_type]
+    vt = VALUE_CODES[value_type]
     per_word = VALUES_PER_WORD[value_type]
     per_piece = 2 * per_word
     k_row = cols // m * n

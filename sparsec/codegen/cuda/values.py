@@ -15,6 +15,10 @@ from sparsec.codegen.cuda.device import bits_to_f32, cuda, half_bits_to_f32
 
 #: Stored values per 64-bit word, by value type.
 VALUES_PER_WORD = {"fp32": 2, "bf16": 4, "fp16": 4, "int8": 8, "int4": 16}
+#: Stored values per 32-bit word, by value type (half a 64-bit word's).
+VALUES_PER_U32 = {vt: n // 2 for vt, n in VALUES_PER_WORD.items()}
+#: Value types as the small integers the kernels branch on (compile-time constants).
+VALUE_CODES = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}
 #: Batch sizes a kernel is specialized for; a batch runs in the smallest bucket that holds it.
 BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16)
 
@@ -24,7 +28,7 @@ def make_dequant(value_type: str):
 
     Float types give the value; int8/int4 give the signed level (the caller applies scales).
     """
-    code = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}[value_type]
+    code = VALUE_CODES[value_type]
     field_bits = 64 // VALUES_PER_WORD[value_type]
     field_mask = np.uint64((1 << field_bits) - 1)
 
@@ -47,8 +51,8 @@ def make_dequant(value_type: str):
     return dequant
 
 
-#: Float32 ``2**23``: OR-ing an 8-bit field into its mantissa and subtracting gives the field
-#: exactly, with no integer-to-float conversion instruction.
+#: Float32 ``2**23``: OR-ing an 8- or 4-bit field into its mantissa and subtracting gives the
+#: field exactly, with no integer-to-float conversion instruction.
 _MAGIC_BITS = np.uint32(0x4B000000)
 
 
@@ -59,8 +63,8 @@ def make_dequant_low(value_type: str):
     Signed levels are decoded by bit arithmetic: flipping the sign bit turns a two's complement
     field into an offset one, which the float32 ``2**23 + field`` holds exactly.
     """
-    code = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}[value_type]
-    field_bits = 32 // {"fp32": 1, "bf16": 2, "fp16": 2, "int8": 4, "int4": 8}[value_type]
+    code = VALUE_CODES[value_type]
+    field_bits = 32 // VALUES_PER_U32[value_type]
     field_mask = np.uint32((1 << field_bits) - 1) if field_bits < 32 else np.uint32(0xFFFFFFFF)
     sign = np.uint32(1 << (field_bits - 1))
     bias = np.float32(2.0**23 + (1 << (field_bits - 1)))
@@ -81,10 +85,10 @@ def make_dequant_low(value_type: str):
 
 
 def words32(raw: np.ndarray) -> np.ndarray:
-    """Bytes of stored values as little-endian uint32 words, plus two spare words (a kernel may
-    load the word after the one holding the last value's successor)."""
+    """Bytes of stored values as little-endian uint32 words, the last one zero-padded (a kernel
+    reads a word only for a value it holds)."""
     raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
-    padded = np.zeros((raw.size // 4 + 3) * 4, dtype=np.uint8)
+    padded = np.zeros(max(1, -(-raw.size // 4)) * 4, dtype=np.uint8)
     padded[: raw.size] = raw
     return padded.view("<u4").astype(np.uint32)
 
