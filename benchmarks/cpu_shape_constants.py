@@ -114,7 +114,8 @@ def main() -> None:
         const(0, rows, 0, *sets[0][0])
         if not np.array_equal(y_generic, sets[0][1]):
             raise SystemExit(f"{vt}: the shape-constant kernel's output differs from the generic one")
-        for case, arg_sets, calls in (("streaming", [s for s, _ in sets], 4 * len(sets)), ("in cache", [sets[0][0]], 30)):
+        cases = (("streaming", [s for s, _ in sets], 4 * len(sets)), ("in cache", [sets[0][0]], 30))
+        for case, arg_sets, calls in cases:
             times = {"generic": [], "constant": []}
             for _ in range(args.rounds):
                 for name, fn in (("generic", generic), ("constant", const)):
