@@ -142,12 +142,18 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
     report's notes say whether the model can use it), so a saved artifact carries it.
     """
     t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise CompileError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if target not in TARGETS:
         raise CompileError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     pipe, notes = resolve_pipeline(pipeline, target)
     kernel_builder(target)  # fail now, in one sentence, if the target cannot run here
     from sparsec.capture import bind_inputs, normalize_inputs
 
+    _check_finite_inputs(normalize_inputs(example_inputs), "example_inputs")
+    if calibration is not None and not isinstance(calibration, (list, tuple)):
+        raise CompileError(f"calibration must be a list of inputs (each in the form of example_inputs), got "
+                           f"{type(calibration).__name__}; wrap a single input as [x]")
     work = copy.deepcopy(model).eval()
     t0 = time.perf_counter()
     cap: Capture = capture(work, example_inputs, method=capture_method)
@@ -157,8 +163,10 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
     def bind(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return bind_inputs(cap.method, cap.input_names, cap.constant_kwargs, args, kwargs)
 
+    # the reference output comes from the eval-mode copy before any pass ran: running the user's
+    # model would update its state where it is in training mode (BatchNorm running statistics)
     with torch.no_grad():
-        original = model(*normalize_inputs(example_inputs)[0], **normalize_inputs(example_inputs)[1])
+        original = work(*normalize_inputs(example_inputs)[0], **normalize_inputs(example_inputs)[1])
     timing = PassTiming()
     ctx = PassContext(target=target, example_inputs=inputs,
                       calibration=[bind(*normalize_inputs(c)) for c in calibration] if calibration else None,
@@ -195,6 +203,18 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
         total_seconds=time.perf_counter() - t_start,
     )
     return compiled
+
+
+def _check_finite_inputs(inputs: tuple[tuple, dict], what: str) -> None:
+    """Refuse NaN/Inf in floating-point inputs: the compile checks its kernels against eager
+    PyTorch on them, and such a check passes or fails on nothing."""
+    args, kwargs = inputs
+    named = [(f"positional input {i}", v) for i, v in enumerate(args)]
+    named += [(f"input {k!r}", v) for k, v in kwargs.items()]
+    for name, value in named:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise CompileError(f"{what}: {name} holds {bad} NaN/Inf value(s); pass finite inputs")
 
 
 def save(compiled: CompiledModule, path: str, tokenizer: Any = None) -> None:

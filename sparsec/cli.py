@@ -134,20 +134,30 @@ def _compile(args: argparse.Namespace, loaded, instruments=None):
 
 
 def _check_pipeline(args: argparse.Namespace) -> None:
-    """Parse the pipeline before loading anything, so a typo costs no model load."""
+    """Parse the pipeline and check the numbers before loading anything, so a typo costs no model load."""
     from sparsec.api import resolve_pipeline
 
     resolve_pipeline(args.pipeline, args.target)
+    if args.calibration < 0:
+        raise CliError(f"--calibration must be 0 (none) or a number of sequences, got {args.calibration}")
+    if args.seq_len < 1:
+        raise CliError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import json
 
     from sparsec.passes import DumpGraph
+    from sparsec.runtime.artifact import check_destination, unwritable_reason
 
     _check_pipeline(args)
-    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
-        raise CliError(f"-o {args.output}: exists and is not a directory")
+    if args.output:
+        check_destination(args.output, probe=True)  # before the compile, not after it
+    if args.dump_graph:
+        dump = Path(args.dump_graph)
+        why = "it is a file" if dump.exists() and not dump.is_dir() else unwritable_reason(dump / "x", probe=True)
+        if why is not None:
+            raise CliError(f"--dump-graph {args.dump_graph}: {why}; give a writable directory")
     loaded = _load(args.model)
     instruments = [DumpGraph(args.dump_graph)] if args.dump_graph else None
     compiled = _compile(args, loaded, instruments)
@@ -174,11 +184,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else cache_dir() / "cost-model.json"
     if out.exists() and out.is_dir():
         raise CliError(f"{out} is a directory; give a file path with -o")
+    from sparsec.runtime.artifact import unwritable_reason
+
+    why = unwritable_reason(out, probe=True)
+    if why is not None:
+        raise CliError(f"cannot write {out}: {why}; give a writable file path with -o")
     try:
         doc = tune_cpu((rows, cols), clock=args.clock, rotate=not args.quick, progress=print)
     except ValueError as e:
         raise CliError(str(e)) from None
-    write_cost_model(doc, out)
+    try:
+        write_cost_model(doc, out)
+    except OSError as e:
+        raise CliError(f"cannot write {out}: {e.strerror or e}; give a writable file path with -o") from None
     cpu = doc["cpu"]
     print(f"bandwidth {cpu['bandwidth'] / 1e9:.1f} GB/s, dense {cpu['dense_fma_per_cycle']:.2f} FMA/cycle; "
           f"bitmask fit within {max(doc['fit']['max_relative_error'].values()):.0%} of the measurements")
@@ -205,7 +223,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         dense = sum(4 * x["shape"][0] * x["shape"][1] for x in layers)
         print(f"{len(layers)} layers, {total:,} bytes ({dense / max(1, total):.2f}x fewer than dense fp32)")
         return 0
-    if Path(args.model).is_dir() and not (Path(args.model) / "config.json").exists():
+    if args.model.strip() and Path(args.model).is_dir() and not (Path(args.model) / "config.json").exists():
         raise CliError(f"{args.model} is neither an artifact (no manifest.json) nor a Hugging Face folder")
     from sparsec.capture import capture
     from sparsec.ir.layers import find_layers

@@ -117,6 +117,9 @@ def _build_cache(gguf: Path, folder: Path) -> None:
 
 def load_spec(spec: str) -> LoadedModel:
     """Load a model from a CLI-style spec (see the module docstring)."""
+    if not spec.strip():
+        raise ModelLoadError(f"no model given; name a bundled model ({', '.join(BUNDLED)}), a Hugging Face folder "
+                             f"or FILE.py:FACTORY")
     if spec in BUNDLED:
         model, tok = load(spec)
         ids = tok("Sparse models move fewer bytes.", return_tensors="pt")["input_ids"]
@@ -144,11 +147,14 @@ def _load_factory(spec: str) -> LoadedModel:
     try:
         mod_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - user code; report it in one line
-        raise ModelLoadError(f"importing {file} failed: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(f"importing {file} failed: {type(e).__name__}: {_first_line(e)}") from None
     fn = getattr(module, factory, None)
     if not callable(fn):
         raise ModelLoadError(f"{file} has no callable {factory!r}")
-    made = fn()
+    try:
+        made = fn()
+    except Exception as e:  # noqa: BLE001 - user code; report it in one line
+        raise ModelLoadError(f"{spec} raised {type(e).__name__}: {_first_line(e)}; fix the factory") from None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         model, example = made
     elif isinstance(made, torch.nn.Module):
@@ -166,7 +172,11 @@ def _load_folder(path: Path) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     _offline()
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - report in one line
+        raise ModelLoadError(f"could not read the config of {path}: {type(e).__name__}: {_first_line(e)}; fix or "
+                             f"replace {path / 'config.json'}") from None
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
     try:
         model = auto.from_pretrained(path, dtype=torch.float32).eval()
@@ -180,3 +190,8 @@ def _load_folder(path: Path) -> LoadedModel:
         vocab = getattr(config, "vocab_size", 100) or 100
         ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
     return LoadedModel(model, tok, {"input_ids": ids}, f"folder:{path}")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0].strip().rstrip(".") if lines else ""

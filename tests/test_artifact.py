@@ -276,6 +276,8 @@ def test_missing_feature_message_names_the_feature(llama_artifact, tmp_path):
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="not a sparsec artifact"):
         sparsec.load(tmp_path)
+    with pytest.raises(ArtifactError, match="loaded from a directory path .* got NoneType"):
+        sparsec.load(None)
 
 
 # --------------------------------------------------------------------------- atomic saves
@@ -293,7 +295,7 @@ def _fail_midway(monkeypatch):
 def test_interrupted_save_leaves_no_artifact(mlp_artifact, tmp_path, monkeypatch):
     compiled, _, _, _ = mlp_artifact
     _fail_midway(monkeypatch)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ArtifactError, match=r"failed: disk full \(simulated\); nothing was replaced"):
         sparsec.save(compiled, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
 
@@ -303,7 +305,7 @@ def test_interrupted_save_keeps_the_previous_artifact(mlp_artifact, tmp_path, mo
     path = _copy(src, tmp_path)
     before = _snapshot(path)
     _fail_midway(monkeypatch)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ArtifactError, match="simulated"):
         sparsec.save(compiled, path)
     monkeypatch.undo()
     assert _snapshot(path) == before
@@ -324,3 +326,29 @@ def test_save_replaces_an_artifact_and_refuses_other_directories(mlp_artifact, t
     assert (other / "notes.txt").read_text() == "mine"
     with pytest.raises(ArtifactError, match="CompiledModule"):
         sparsec.save(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_save_where_nothing_can_be_written_is_one_line_and_writes_nothing(mlp_artifact, tmp_path, monkeypatch):
+    compiled, _, _, _ = mlp_artifact
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    with pytest.raises(ArtifactError, match=r"cannot write an artifact at .*a-file/art: .*a-file is a file, not a "
+                                            r"directory; choose a writable location"):
+        sparsec.save(compiled, blocker / "art")
+    with pytest.raises(ArtifactError, match="exists and is not a directory"):
+        sparsec.save(compiled, blocker)
+    assert blocker.read_text() == "mine"
+
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)  # a directory the process may not write in
+    with pytest.raises(ArtifactError, match=r"cannot write an artifact at .*: Permission denied; choose a writable"):
+        sparsec.save(compiled, tmp_path / "art")
+    from sparsec.runtime.artifact import check_destination
+
+    with pytest.raises(ArtifactError, match=r"is not writable \(Permission denied\)"):
+        check_destination(tmp_path / "art", probe=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,9 @@ FACTORY = textwrap.dedent('''
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
         return model, (torch.randn(2, 32),)
+
+    def broken():
+        raise RuntimeError("no weights here")
 ''')
 
 
@@ -96,10 +100,56 @@ def test_bench(factory):
     (["compile", "FACTORY", "-p", "prune-magnitude{layers=zzz}"], ["matches no layer"]),
     (["compile", "FACTORY", "--target", "cpu", "-p", "lower-cuda"], ["lowers with lower-cuda"]),
     (["inspect", "/"], ["neither an artifact"]),
+    (["inspect", ""], ["no model given"]),
+    (["compile", "BROKEN"], ["tiny.py:broken raised RuntimeError: no weights here; fix the factory"]),
+    (["compile", "FACTORY", "--calibration", "-1"], ["--calibration must be 0 (none) or a number"]),
+    (["compile", "FACTORY", "--seq-len", "0"], ["--seq-len must be a positive number"]),
+    (["bench", "FACTORY", "--calibration", "-3"], ["--calibration must be 0 (none) or a number"]),
+    (["compile", "FACTORY", "-o", "FILE/art"], ["cannot write an artifact at", "is a file, not a directory"]),
+    (["compile", "FACTORY", "-o", "FILE"], ["exists and is not a directory"]),
+    (["compile", "FACTORY", "--dump-graph", "FILE"], ["--dump-graph", "it is a file"]),
+    (["compile", "FACTORY", "-p", "prune-wanda{sparsity=0.5}"], ["needs calibration data", "--calibration N"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(factory, args, words):
-    args = [factory if a == "FACTORY" else a for a in args]
+    file = factory.rsplit(":", 1)[0]
+    swap = {"FACTORY": factory, "BROKEN": f"{file}:broken", "FILE": file}
+    args = [swap.get(a, a.replace("FILE/", f"{file}/")) for a in args]
+    before = Path(file).read_text()
     _one_line_error(run(*args), *words)
+    assert Path(file).read_text() == before  # nothing written beside or under it
+    assert [p.name for p in Path(file).parent.iterdir() if p.name != "__pycache__"] == ["tiny.py"]
+
+
+def _main_error(capsys, *args):
+    """Run the command in this process (no interpreter start-up) and return its one error line."""
+    from sparsec.cli import main
+
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sparsec: error: ") and "Traceback" not in err
+    return err
+
+
+def test_bad_model_folders_and_tokenizers(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("not json{")
+    for command in ("compile", "inspect"):
+        err = _main_error(capsys, command, str(tmp_path / "model"))
+        assert "could not read the config of" in err and "fix or replace" in err
+    # `generate` loads --tokenizer before the artifact: a folder without tokenizer files is one line
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text("{}")
+    (tmp_path / "tok").mkdir()
+    err = _main_error(capsys, "generate", str(tmp_path / "art"), "--prompt", "hi", "--tokenizer", str(tmp_path / "tok"))
+    assert "--tokenizer" in err and "no tokenizer could be loaded from this folder" in err
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    err = _main_error(capsys, "tune", "--quick", "-o", str(blocker / "cost.json"))
+    assert "cannot write" in err and "is a file" in err
+    assert blocker.read_text() == "mine" and sorted(tmp_path.iterdir()) == [blocker]
 
 
 def test_bad_arguments_exit_2():

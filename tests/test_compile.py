@@ -151,6 +151,8 @@ def test_leaf_modules_keep_their_parameters(tmp_path):
     ({"pipeline": "lower-cpu,prune-magnitude"}, CompileError, "must be the last pass"),
     ({"pipeline": "prune-magnitude{sparsity=-0.1}"}, PipelineSyntaxError, r"sparsity must be in \[0, 1\)"),
     ({"pipeline": "prune-magnitude{layers=nothing_matches}"}, Exception, "matches no layer"),
+    ({"pipeline": "prune-wanda{sparsity=0.5}"}, Exception, r"pass calibration=\[inputs, \.\.\.\] to sparsec\.compile"),
+    ({"calibration": torch.ones(5, 48)}, CompileError, r"calibration must be a list of inputs .* got Tensor"),
 ])
 def test_bad_options_fail_clearly_and_leave_model_unchanged(mlp, kwargs, error, match):
     model, x = mlp
@@ -167,3 +169,57 @@ def test_nan_weights_are_refused_naming_the_layer(mlp):
     with pytest.raises(Exception, match=r"layer '2' has 1 NaN/Inf weight"):
         sparsec.compile(model, (x,), "prune-magnitude{sparsity=0.5}")
     assert torch.isnan(model[2].weight[3, 4])  # still the user's (bad) weight, nothing else changed
+
+
+@pytest.mark.parametrize("pipeline, where", [
+    ("lower-cpu", "weight"),
+    ("fuse-epilogue,lower-cpu", "weight"),
+    ("lower-cpu", "bias"),
+])
+def test_nan_weights_and_biases_are_refused_at_lowering_naming_the_layer(mlp, pipeline, where):
+    model, x = mlp
+    with torch.no_grad():
+        getattr(model[2], where).view(-1)[3] = float("inf")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(Exception, match=rf"pass 'lower-cpu' failed .*layer '2' has 1 NaN/Inf {where} value"):
+        sparsec.compile(model, (x,), pipeline)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("model, inputs, match", [
+    (lambda x: x, torch.ones(2, 48), "model must be a torch.nn.Module, got function"),
+    (None, torch.ones(2, 48), "model must be a torch.nn.Module, got NoneType"),
+    (torch.nn.Linear(48, 8), torch.full((2, 48), float("nan")), "positional input 0 holds 96 NaN/Inf value"),
+    (torch.nn.Linear(48, 8), {"input": torch.full((2, 48), float("inf"))}, "input 'input' holds 96 NaN/Inf"),
+])
+def test_bad_models_and_inputs_are_one_clear_error(model, inputs, match):
+    with pytest.raises(CompileError, match=match) as info:
+        sparsec.compile(model, inputs)
+    assert "\n" not in str(info.value)
+
+
+def test_a_model_in_training_mode_is_left_as_it_was():
+    """The reference output comes from the compiled copy: the user's BatchNorm statistics stay."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(32, 8)).train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(6, 16)
+    compiled = sparsec.compile(model, (x,), "lower-cpu")
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # dense fp32 kernels, so the compiled model equals the model in eval mode
+    assert compiled.report.max_rel_error_vs_original < TOL
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got str"):
+        compiled("not a tensor")
+
+
+def test_cuda_without_a_gpu_is_one_sentence_saying_what_to_use(mlp, monkeypatch):
+    import sparsec.codegen.cuda as cuda
+
+    reason = "no CUDA driver or NVIDIA GPU is visible to numba-cuda"
+    monkeypatch.setattr(cuda, "cuda_available", lambda: (False, reason))
+    model, x = mlp
+    with pytest.raises(Exception, match=r"^target='cuda' needs an NVIDIA GPU .*; compile with target='cpu'$") as info:
+        sparsec.compile(model, (x,), "prune-magnitude{sparsity=0.5}", target="cuda")
+    assert "\n" not in str(info.value)

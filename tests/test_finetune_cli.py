@@ -88,6 +88,13 @@ def test_cli_prunes_finetunes_and_writes(files, capsys):
     (["--prune", "prune-magnitude{sparsity=2}"], "sparsity"),
     (["--kl", "0", "--squarehead", "0", "--ce", "0"], "all loss weights are 0"),
     (["--blocks", "layers.*"], "matches no module"),
+    (["--samples", "-1"], "--samples must be at least 0, got -1"),
+    (["--calibration", "-2"], "--calibration must be at least 0, got -2"),
+    (["--eval-windows", "-1"], "--eval-windows must be at least 0, got -1"),
+    (["--seq-len", "0"], "--seq-len must be at least 1, got 0"),
+    (["--ce", "inf"], "loss weight ce must be a finite number >= 0, got inf"),
+    (["--kl", "1", "--temperature", "inf"], "temperature must be a finite positive number, got inf"),
+    (["--weight-decay", "inf"], "weight_decay must be a finite number >= 0"),
 ])
 def test_cli_bad_input_is_one_line(files, capsys, args, message):
     assert run(files, "--steps", "2", "-o", str(files / "never"), *args) == 2
@@ -102,6 +109,29 @@ def test_cli_empty_data_file(files, capsys):
                  "-o", str(files / "never")])
     assert code == 2 and "empty" in capsys.readouterr().err
     assert not (files / "never").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", "", "--data {} is empty; give a .pt (torch.save) or .safetensors file holding input_ids"),
+    ("notes.txt", "plain text, not token ids\n", "cannot read --data {} (")
+])
+def test_cli_unreadable_data_files_say_what_to_give(files, capsys, name, content, message):
+    (files / name).write_text(content)
+    code = main(["finetune", f"{files / 'net.py'}:make", "--data", str(files / name), "--quiet", "--steps", "2",
+                 "-o", str(files / "never")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message.format(files / name) in err
+    assert "or --data wikipedia" in err
+    assert (files / name).read_text() == content and not (files / "never").exists()
+
+
+def test_cli_unwritable_output_is_refused_before_training(files, capsys):
+    blocker = files / "a-file"
+    blocker.write_text("mine")
+    assert run(files, "--steps", "2", "-o", str(blocker / "out")) == 2
+    err = capsys.readouterr().err
+    assert "cannot write output" in err and "is a file, not a directory" in err
+    assert blocker.read_text() == "mine"
 
 
 def test_example_tiny_run_recovers_perplexity(capsys):

@@ -152,4 +152,9 @@ def test_bad_options_are_one_clear_error(pruned_mlp, tmp_path):
         export_onnx("model", (x,), tmp_path / "m.onnx")
     with pytest.raises(OnnxExportError, match="fails on the example inputs"):
         export_onnx(pruned_mlp, (torch.randn(2, 5),), tmp_path / "m.onnx", check=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    with pytest.raises(OnnxExportError, match="a-file is a file, not a directory; choose a writable location"):
+        export_onnx(pruned_mlp, (x,), blocker / "m.onnx")
+    assert blocker.read_text() == "mine"
     assert not (tmp_path / "m.onnx").exists()

@@ -56,6 +56,17 @@ def test_timing_and_dump_instruments(graph, tmp_path):
     assert "_weight_mask" not in (tmp_path / "dump" / "000_captured.py").read_text()
 
 
+def test_dump_into_a_file_is_one_clear_error(graph, tmp_path):
+    gm, _, _ = graph
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    for directory in (blocker, blocker / "dump"):
+        ctx = PassContext(instruments=[DumpGraph(directory)])
+        with pytest.raises(PassError, match="cannot write graph dumps to .*a-file"):
+            run_passes(gm, list(Pipeline.parse("prune-magnitude{sparsity=0.5}")), ctx)
+    assert blocker.read_text() == "mine" and sorted(tmp_path.iterdir()) == [blocker]
+
+
 def test_numeric_check_records_error_per_pass(graph):
     gm, model, x = graph
     with torch.no_grad():

@@ -204,6 +204,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     dest = Path(path)
     if dest.is_dir():
         raise OnnxExportError(f"{dest} is a directory; give a file path such as {dest / 'model.onnx'}")
+    from sparsec.runtime.artifact import unwritable_reason
+
+    why = unwritable_reason(dest)
+    if why is not None:
+        raise OnnxExportError(f"cannot write {dest}: {why}; choose a writable location")
     args, kwargs = normalize_inputs(example_inputs)
     notes: list[str] = []
     packed_of: dict[int, Any] = {}
@@ -257,12 +262,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     out_proto = gs.export_onnx(graph)
     out_proto.ir_version = proto.ir_version
     onnx.checker.check_model(out_proto)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    except OSError as e:
+        raise OnnxExportError(f"cannot write {dest}: {e.strerror or e}; choose a writable location") from None
     os.close(fd)
     try:
         onnx.save(out_proto, tmp)
         os.replace(tmp, dest)
+    except OSError as e:
+        raise OnnxExportError(f"writing {dest} failed: {e.strerror or e}; free space or choose another "
+                              f"location") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -137,6 +137,9 @@ def load_data(spec: str, tokenizer: Any, seq_len: int, samples: int) -> Any:
     path = Path(spec)
     if not path.is_file():
         raise FinetuneError(f"--data {spec!r} is neither 'wikipedia' nor a file")
+    expected = "give a .pt (torch.save) or .safetensors file holding input_ids [N, seq_len], or --data wikipedia"
+    if path.stat().st_size == 0:
+        raise FinetuneError(f"--data {spec} is empty; {expected}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -148,7 +151,9 @@ def load_data(spec: str, tokenizer: Any, seq_len: int, samples: int) -> Any:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - one line for any unreadable file
         first = (str(e).splitlines() or [""])[0][:200]
-        raise FinetuneError(f"cannot read --data {spec}: {type(e).__name__}: {first}") from None
+        binary = path.suffix in (".pt", ".pth", ".bin", ".safetensors")
+        text = "" if binary else " (text is not read: tokenize it first)"
+        raise FinetuneError(f"cannot read --data {spec} ({type(e).__name__}: {first}); {expected}{text}") from None
     if isinstance(data, dict) and samples:
         data = {k: v[:samples] for k, v in data.items()}
     elif samples:
@@ -165,13 +170,21 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     from sparsec.finetune.trainer import finetune, mask_pairs
     from sparsec.models import load_spec
     from sparsec.passes import PassContext, Pipeline, run_passes
+    from sparsec.runtime.artifact import unwritable_reason
 
     # Everything that can be checked without the model is checked first.
     config = config_from_args(args)
+    for flag, value, least in (("--calibration", args.calibration, 0), ("--samples", args.samples, 0),
+                               ("--eval-windows", args.eval_windows, 0), ("--seq-len", args.seq_len, 1)):
+        if value < least:
+            raise FinetuneError(f"{flag} must be at least {least}, got {value}")
     output = Path(args.output) if args.output else None
     if output is not None and output.exists():
         raise FinetuneError(f"output {output} already exists; choose a new directory (nothing is "
                             f"overwritten)")
+    why = unwritable_reason(output, probe=True) if output is not None else None
+    if why is not None:
+        raise FinetuneError(f"cannot write output {output}: {why}; choose a writable location")
     pipeline = Pipeline.parse(args.prune) if args.prune.strip() else None
     if pipeline is None and config.gradual is None and os.environ.get("RANK", "0") == "0":
         print("sparsec finetune: --prune \"\": training with the masks the model's zeros define")
@@ -248,8 +261,11 @@ def _ppl(model: Any, windows: Any) -> float:
 def _write_output(output: Path, loaded: Any, masks: dict, report: dict) -> None:
     from safetensors.torch import save_file, save_model
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    except OSError as e:
+        raise FinetuneError(f"cannot write output {output}: {e.strerror or e}; choose a writable location") from None
     try:
         model = loaded.model
         if hasattr(model, "save_pretrained"):
@@ -261,6 +277,10 @@ def _write_output(output: Path, loaded: Any, masks: dict, report: dict) -> None:
         if masks:
             save_file(masks, str(tmp / "masks.safetensors"))
         (tmp / "finetune.json").write_text(json.dumps(report, indent=1, default=str))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FinetuneError(f"writing output {output} failed: {e.strerror or e}; free space or choose another "
+                            f"location") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,6 +29,7 @@ returns every component (detached) for logging; components with weight 0 are not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -138,12 +139,12 @@ class LossWeights:
     def __post_init__(self) -> None:
         for name in ("ce", "kl", "squarehead"):
             value = getattr(self, name)
-            if not (value >= 0.0):
-                raise LossInputError(f"loss weight {name} must be >= 0, got {value}")
+            if not (0.0 <= value < math.inf):
+                raise LossInputError(f"loss weight {name} must be a finite number >= 0, got {value}")
         if self.ce == self.kl == self.squarehead == 0:
             raise LossInputError("all loss weights are 0; give ce, kl or squarehead a positive weight")
-        if not self.temperature > 0:
-            raise LossInputError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise LossInputError(f"temperature must be a finite positive number, got {self.temperature}")
         if self.squarehead_normalize not in SQUAREHEAD_NORMALIZATIONS:
             raise LossInputError(f"squarehead_normalize must be {' or '.join(SQUAREHEAD_NORMALIZATIONS)}, "
                                  f"got {self.squarehead_normalize!r}")

@@ -114,7 +114,7 @@ class FinetuneConfig:
         need(self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.weight_decay < math.inf, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         need(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps={self.steps}), "
              f"got {self.warmup_steps}")
         need(0 <= self.final_lr_ratio <= 1, f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
@@ -431,7 +431,7 @@ class _Run:
                     s_logits, s_hidden = model(ids, am)
                     loss = distillation_loss(self.weights, ids, s_logits, s_hidden, t_logits, t_hidden, am)
                 if not torch.isfinite(loss.total):
-                    raise FinetuneError(f"the loss became {float(loss.total)} at step {step + 1}; lower lr "
+                    raise FinetuneError(f"the loss became {float(loss.total.detach())} at step {step + 1}; lower lr "
                                         f"(now {c.lr}) or check the data and the teacher")
                 (loss.total / c.grad_accum).backward()
             for k, v in loss.parts.items():

@@ -291,7 +291,13 @@ class DumpGraph(PassInstrument):
         self.written: list[Path] = []
 
     def on_pipeline_start(self, passes, gm, ctx):
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise PassError(f"cannot write graph dumps to {self.directory}: it is a file; give a directory")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PassError(f"cannot write graph dumps to {self.directory}: {e.strerror or e}; give a writable "
+                            f"directory") from None
         self._write(gm, "000_captured.py", "captured graph")
 
     def after_pass(self, p, index, result, ctx):
@@ -300,7 +306,10 @@ class DumpGraph(PassInstrument):
 
     def _write(self, gm: fx.GraphModule, filename: str, title: str) -> None:
         path = self.directory / filename
-        path.write_text(f"# after: {title}\n{gm.code}")
+        try:
+            path.write_text(f"# after: {title}\n{gm.code}")
+        except OSError as e:
+            raise PassError(f"cannot write graph dump {path}: {e.strerror or e}; give a writable directory") from None
         self.written.append(path)
 
 

@@ -91,8 +91,9 @@ def calibration_from_context(ctx: Any, pass_name: str) -> list[tuple[tuple, dict
     samples = getattr(ctx, "calibration", None)
     if not samples:
         raise CalibrationError(
-            f"{pass_name} needs calibration data: set PassContext.calibration to a list of (args, kwargs) "
-            f"inputs the captured graph accepts (e.g. 128 windows of 512 tokens from the train split)")
+            f"{pass_name} needs calibration data: pass calibration=[inputs, ...] to sparsec.compile, "
+            f"--calibration N to the sparsec command, or a list of (args, kwargs) inputs as "
+            f"PassContext.calibration (e.g. 128 windows of 512 tokens from the train split)")
     return list(samples)
 
 

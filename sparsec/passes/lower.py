@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.fx as fx
 
 from sparsec.formats import VALUE_TYPES, pack, registered_formats
+from sparsec.formats.base import all_finite
 from sparsec.ir import meta
-from sparsec.passes.base import Pass, PassContext, PassOptionError, PassResult, register_pass
+from sparsec.passes.base import Pass, PassContext, PassError, PassOptionError, PassResult, register_pass
 
 
 class _Lower(Pass):
@@ -49,6 +51,9 @@ class _Lower(Pass):
                 continue
             fmt, vt, group = self._choose(node)
             weight = layer.matrix(gm).detach()
+            _check_finite(layer.name, "weight", weight)
+            if layer.bias:
+                _check_finite(layer.name, "bias", gm.get_parameter(layer.bias).detach())
             if meta.MASK in node.meta:
                 weight = weight * layer.as_matrix(gm.get_buffer(node.meta[meta.MASK]))
             options = {"group_size": group} if vt == "int4" else {}
@@ -91,6 +96,13 @@ class _Lower(Pass):
             vt = "fp32"
         group = int(quant.get("group") or self.group)
         return fmt, vt, group
+
+
+def _check_finite(layer: str, what: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not all_finite(tensor):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise PassError(f"layer {layer!r} has {bad} NaN/Inf {what} value(s); fix these values in the model "
+                        f"before compiling")
 
 
 @register_pass

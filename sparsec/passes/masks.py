@@ -118,7 +118,7 @@ def check_finite(gm: fx.GraphModule, layers: list[WeightedLayer]) -> None:
         if not torch.isfinite(w).all():
             bad = (~torch.isfinite(w)).sum().item()
             raise LayerSelectionError(f"layer {layer.name!r} has {bad} NaN/Inf weight(s); "
-                                      f"fix or exclude it (ignore=...) before pruning")
+                                      f"fix its weights, or leave it out with the pass's ignore=... option")
 
 
 def mask_buffer_name(layer: WeightedLayer) -> str:

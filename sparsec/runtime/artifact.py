@@ -89,11 +89,37 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _check_destination(dest: Path) -> None:
+def unwritable_reason(dest: str | os.PathLike, probe: bool = False) -> str | None:
+    """Why the file or directory ``dest`` could not be created (or replaced) beside its siblings,
+    or ``None``. Nothing is created, except with ``probe``: a temporary directory is made and
+    removed in the nearest existing parent, which catches what permission bits do not (a
+    read-only file system, a process that ignores them)."""
+    parent = Path(dest).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    if probe:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".sparsec-probe-", dir=parent))
+        except OSError as e:
+            return f"{parent} is not writable ({e.strerror or e})"
+    return None
+
+
+def check_destination(dest: str | os.PathLike, probe: bool = False) -> None:
+    """Refuse, before anything is compiled or written, an artifact path that :func:`save_artifact`
+    would refuse or could not write (``probe``: see :func:`unwritable_reason`)."""
+    dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise ArtifactError(f"{dest} exists and is not a directory; choose a new or empty directory")
     if dest.exists() and not (dest / MANIFEST).exists() and any(dest.iterdir()):
         raise ArtifactError(f"{dest} exists and is not a sparsec artifact; choose an empty or new directory")
+    why = unwritable_reason(dest, probe=probe)
+    if why is not None:
+        raise ArtifactError(f"cannot write an artifact at {dest}: {why}; choose a writable location")
 
 
 def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None) -> Path:
@@ -117,7 +143,7 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
     if compiled.target == "cuda":
         _check_cuda_savable()
     dest = Path(path)
-    _check_destination(dest)
+    check_destination(dest)
     gm = compiled.graph_module
     tensors: dict[str, torch.Tensor] = {}
     layers = []
@@ -152,8 +178,12 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
         "notes": [f"dropped node {n}: torch.export's input guard (its code is generated at export)"
                   for n in graph_desc["dropped"]],
     }
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as e:
+        raise ArtifactError(f"cannot write an artifact at {dest}: {e.strerror or e}; choose a writable "
+                            f"location") from None
     try:
         _umask_permissions(tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -173,6 +203,9 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
             if p.is_file():
                 os.chmod(p, 0o666 & ~umask)
         _replace(tmp, dest)
+    except OSError as e:
+        raise ArtifactError(f"writing the artifact at {dest} failed: {e.strerror or e}; nothing was replaced, "
+                            f"free space or choose another location") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -49,6 +49,8 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kernels are inference code: they read raw buffers and have no backward.
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"layer {self.layer}: input must be a torch.Tensor, got {type(x).__name__}")
         dtype = x.dtype
         x = x.detach()
         y = self.kernel(x if dtype == torch.float32 else x.float())
@@ -71,7 +73,8 @@ def kernel_builder(target: str):
 
         ok, reason = cuda_available()
         if not ok:
-            raise TargetUnavailableError(reason)
+            raise TargetUnavailableError(f"target='cuda' needs an NVIDIA GPU with a working driver: none was found "
+                                         f"({reason}); compile with target='cpu'")
         return build_linear_kernel
     raise TargetUnavailableError(f"unknown target {target!r}; use 'cpu' or 'cuda'")
 

@@ -550,7 +550,13 @@ def _load_tokenizer(spec: str) -> Any:
             load(spec)
         return AutoTokenizer.from_pretrained(folder)
     if Path(spec).is_dir():
-        return AutoTokenizer.from_pretrained(spec)
+        try:
+            return AutoTokenizer.from_pretrained(spec)
+        except Exception as e:  # noqa: BLE001 - one line for any folder transformers cannot read
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(": ")
+            raise GenerationError(f"--tokenizer {spec}: no tokenizer could be loaded from this folder ({first}); "
+                                  f"give a Hugging Face folder with tokenizer files, or a bundled model name") \
+                from None
     raise GenerationError(f"--tokenizer {spec}: not a bundled model ({', '.join(BUNDLED)}) nor a folder")
 
 

@@ -429,6 +429,9 @@ def load_artifact(path: str | os.PathLike) -> Any:
     modified. The result's ``report`` is the saved compile report as a dict, ``load_seconds`` says
     how long loading took and ``kernel_load`` what linking did.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArtifactError(f"an artifact is loaded from a directory path (str or os.PathLike), got "
+                            f"{type(path).__name__}")
     t0 = time.perf_counter()
     with _one_torch_thread():
         compiled = _load(Path(path))
