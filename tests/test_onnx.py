@@ -9,6 +9,8 @@ the same dequantized weights (same tolerance). A compiled model's kernels differ
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import Counter
 
 import numpy as np
@@ -62,6 +64,9 @@ def test_pruned_mlp_masks_fold_into_weights(pruned_mlp, tmp_path):
     # beside exact GELU (x * 0.5 * (1 + erf(x / sqrt 2))) and ReLU
     assert ops == Counter({"Gemm": 3, "Mul": 2, "Div": 1, "Erf": 1, "Add": 1, "Relu": 1})
     assert result.nodes < result.nodes_exported
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "mlp.onnx").st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     inits = _initializers(tmp_path / "mlp.onnx")
     gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
     for gemm, layer in zip(gemms, [pruned_mlp[0], pruned_mlp[2], pruned_mlp[4]]):

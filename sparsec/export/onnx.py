@@ -270,6 +270,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     os.close(fd)
     try:
         onnx.save(out_proto, tmp)
+        # mkstemp makes the file private (0600); the export gets the mode any new file would get
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dest)
     except OSError as e:
         raise OnnxExportError(f"writing {dest} failed: {e.strerror or e}; free space or choose another "
