@@ -96,7 +96,7 @@ def fused_step_for(decoder: nn.Module, threads: int | None = None) -> FusedDecod
     """A :class:`FusedDecodeStep` for ``decoder`` on ``threads`` threads, or a one-line reason
     why this decoder has to run module by module. By default the step uses the kernels' threads
     (:func:`sparsec.codegen.cpu.threads.cpu_threads`), also for a model of small layers that the
-    module path runs on one thread each: there a second thread is woken for every call (20-30 us),
+    module path runs on one thread each: there a second thread is woken for every call (about 60 us of wall time),
     here once a token, and meeting at a barrier costs 0.1-0.3 us (``benchmarks/barrier.py`` on 2
     idle Zen 4 cores; ``benchmarks/decode_breakdown.py``: SmolLM2's 30 layers in 3.7 ms on two
     threads against 6.9 ms on one). Kept on the
