@@ -204,7 +204,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     dest = Path(path)
     if dest.is_dir():
         raise OnnxExportError(f"{dest} is a directory; give a file path such as {dest / 'model.onnx'}")
-    from sparsec.runtime.artifact import unwritable_reason
+    from sparsec.runtime.artifact import default_mode, unwritable_reason
 
     why = unwritable_reason(dest)
     if why is not None:
@@ -270,10 +270,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     os.close(fd)
     try:
         onnx.save(out_proto, tmp)
-        # mkstemp makes the file private (0600); the export gets the mode any new file would get
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, default_mode(directory=False))  # not mkstemp's private 0600
         os.replace(tmp, dest)
     except OSError as e:
         raise OnnxExportError(f"writing {dest} failed: {e.strerror or e}; free space or choose another "

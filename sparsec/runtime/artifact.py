@@ -185,7 +185,7 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
         raise ArtifactError(f"cannot write an artifact at {dest}: {e.strerror or e}; choose a writable "
                             f"location") from None
     try:
-        _umask_permissions(tmp)
+        os.chmod(tmp, default_mode(directory=True))  # not mkdtemp's private 0700
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / GRAPH_JSON).write_text(json.dumps(graph_desc))
         (tmp / GRAPH).write_text(gm.code)
@@ -198,10 +198,10 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        umask = _umask()
+        file_mode = default_mode(directory=False)
         for p in tmp.rglob("*"):
             if p.is_file():
-                os.chmod(p, 0o666 & ~umask)
+                os.chmod(p, file_mode)
         _replace(tmp, dest)
     except OSError as e:
         raise ArtifactError(f"writing the artifact at {dest} failed: {e.strerror or e}; nothing was replaced, "
@@ -211,15 +211,12 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
     return dest
 
 
-def _umask() -> int:
+def default_mode(directory: bool) -> int:
+    """The permissions a new file (or directory) gets under this process's umask. ``mkstemp`` and
+    ``mkdtemp`` make private ones (0600, 0700); what they become in place of the user's gets this."""
     umask = os.umask(0)
     os.umask(umask)
-    return umask
-
-
-def _umask_permissions(tmp: Path) -> None:
-    """mkdtemp makes a private (0700) directory; the artifact gets the permissions any new one would."""
-    os.chmod(tmp, 0o777 & ~_umask())
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def _check_cuda_savable() -> None:
