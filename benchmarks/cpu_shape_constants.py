@@ -42,6 +42,14 @@ def masked_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch
     return torch.randn(rows, cols, generator=g) * mask
 
 
+def rotating_copies(w: torch.Tensor, vt: str) -> list:
+    """Bound bitmask kernels (``_impl``) for copies of ``w`` packed as ``vt``, enough of them that
+    their bytes exceed twice the last-level cache (the first is the packed weight itself)."""
+    packed = pack(w, "bitmask", vt)
+    copies = max(2, -(-2 * last_level_cache_bytes() // packed.nbytes()))
+    return [build_linear_kernel(packed if i == 0 else packed.clone())._impl for i in range(copies)]
+
+
 def specialized_rows_1(vt: str, nfull: int, tailbytes: int, nbytes: int):
     """``rows_1`` of value type ``vt`` with the three shape arguments rebound as constants."""
     src = bmk.rows_source(vt, 1).split("\n")
@@ -102,9 +110,7 @@ def main() -> None:
     print(f"# {args.shape}, {args.sparsity:.0%} sparse, batch 1, one thread, CPU time; LLC {llc >> 20} MiB")
     print(f"{'values':6} {'case':9} {'generic us':>11} {'constant us':>12} {'generic/constant':>17}")
     for vt in args.values.split(","):
-        packed = pack(w, "bitmask", vt)
-        copies = max(2, -(-2 * llc // packed.nbytes()))
-        impls = [build_linear_kernel(packed if i == 0 else packed.clone())._impl for i in range(copies)]
+        impls = rotating_copies(w, vt)
         im = impls[0]
         generic = bmk.kernel_function(vt, "rows", 1)
         const = specialized_rows_1(vt, im.nfull_w, im.tail_w, im.nbytes)

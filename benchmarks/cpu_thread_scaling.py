@@ -22,34 +22,15 @@ import statistics
 import time
 
 import numpy as np
-from cpu_shape_constants import batch1_args, masked_weight
+from cpu_shape_constants import batch1_args, masked_weight, rotating_copies
 
 from sparsec.codegen.cpu import bitmask as bmk
-from sparsec.codegen.cpu import build_linear_kernel
-from sparsec.codegen.cpu.host import last_level_cache_bytes
 from sparsec.codegen.cpu.threads import run_ranges
-from sparsec.formats import pack
 
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--values", default="int8,bf16")
-    p.add_argument("--shape", default="4096x4096")
-    p.add_argument("--sparsity", type=float, default=0.75)
-    p.add_argument("--rounds", type=int, default=7)
-    args = p.parse_args()
-    rows, cols = (int(v) for v in args.shape.split("x"))
-    w = masked_weight(rows, cols, args.sparsity)
-    x = np.random.default_rng(0).standard_normal((1, cols)).astype(np.float32)
-    print(f"# {args.shape}, {args.sparsity:.0%} sparse, batch 1, wall clock, median of {args.rounds} rounds")
-    for vt in args.values.split(","):
-        time_value_type(vt, w, x, rows, args.rounds)
 
 def time_value_type(vt: str, w, x: np.ndarray, rows: int, rounds: int) -> None:
     """Print the five timings for value type ``vt``."""
-    packed = pack(w, "bitmask", vt)
-    copies = max(2, -(-2 * last_level_cache_bytes() // packed.nbytes()))
-    impls = [build_linear_kernel(packed if i == 0 else packed.clone())._impl for i in range(copies)]
+    impls = rotating_copies(w, vt)
     parts = impls[0].parts
     if len(parts) != 3:
         raise SystemExit(f"this probe is for a two-thread split; the layer has {len(parts) - 1} ranges "
@@ -74,6 +55,21 @@ def time_value_type(vt: str, w, x: np.ndarray, rows: int, rounds: int) -> None:
             times[name].append((time.perf_counter() - t0) / calls)
     for name, ts in times.items():
         print(f"{vt:5} {name:28} {statistics.median(ts) * 1e6:8.1f} us")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--values", default="int8,bf16")
+    p.add_argument("--shape", default="4096x4096")
+    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args()
+    rows, cols = (int(v) for v in args.shape.split("x"))
+    w = masked_weight(rows, cols, args.sparsity)
+    x = np.random.default_rng(0).standard_normal((1, cols)).astype(np.float32)
+    print(f"# {args.shape}, {args.sparsity:.0%} sparse, batch 1, wall clock, median of {args.rounds} rounds")
+    for vt in args.values.split(","):
+        time_value_type(vt, w, x, rows, args.rounds)
 
 
 if __name__ == "__main__":
