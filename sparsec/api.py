@@ -150,7 +150,8 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
     kernel_builder(target)  # fail now, in one sentence, if the target cannot run here
     from sparsec.capture import bind_inputs, normalize_inputs
 
-    _check_finite_inputs(normalize_inputs(example_inputs), "example_inputs")
+    example_args, example_kwargs = normalize_inputs(example_inputs)
+    _check_finite_inputs(example_args, example_kwargs, "example_inputs")
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         raise CompileError(f"calibration must be a list of inputs (each in the form of example_inputs), got "
                            f"{type(calibration).__name__}; wrap a single input as [x]")
@@ -166,7 +167,7 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
     # the reference output comes from the eval-mode copy before any pass ran: running the user's
     # model would update its state where it is in training mode (BatchNorm running statistics)
     with torch.no_grad():
-        original = work(*normalize_inputs(example_inputs)[0], **normalize_inputs(example_inputs)[1])
+        original = work(*example_args, **example_kwargs)
     timing = PassTiming()
     ctx = PassContext(target=target, example_inputs=inputs,
                       calibration=[bind(*normalize_inputs(c)) for c in calibration] if calibration else None,
@@ -205,10 +206,9 @@ def compile(model: nn.Module, example_inputs: Any, pipeline: str | Pipeline | li
     return compiled
 
 
-def _check_finite_inputs(inputs: tuple[tuple, dict], what: str) -> None:
+def _check_finite_inputs(args: tuple, kwargs: dict, what: str) -> None:
     """Refuse NaN/Inf in floating-point inputs: the compile checks its kernels against eager
     PyTorch on them, and such a check passes or fails on nothing."""
-    args, kwargs = inputs
     named = [(f"positional input {i}", v) for i, v in enumerate(args)]
     named += [(f"input {k!r}", v) for k, v in kwargs.items()]
     for name, value in named:
