@@ -8,7 +8,9 @@ enough copies of the layer to exceed the last-level cache:
 * both ranges through sparsec's thread pool (``run_ranges``, what a layer call does);
 * ``run_ranges`` with two empty ranges: the cost of handing work to the second thread and
   waiting for it, with no work;
-* one empty range on the calling thread: Numba's dispatch of the kernel call.
+* one empty range on the calling thread: Numba's dispatch of the kernel call;
+* a bare round trip between two Python threads over a pair of locks: the floor of any hand-off
+  that wakes a sleeping thread and waits for it.
 
     python benchmarks/cpu_thread_scaling.py --values int8,bf16
 
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 from cpu_shape_constants import batch1_args, masked_weight, rotating_copies
@@ -28,8 +32,28 @@ from sparsec.codegen.cpu import bitmask as bmk
 from sparsec.codegen.cpu.threads import run_ranges
 
 
+def lock_round_trip() -> Callable[[object], None]:
+    """A call that wakes a waiting thread and waits until it answers (two locks, no work)."""
+    go, done = threading.Lock(), threading.Lock()
+    go.acquire()
+    done.acquire()
+
+    def echo() -> None:
+        while True:
+            go.acquire()
+            done.release()
+
+    threading.Thread(target=echo, daemon=True).start()
+
+    def call(_args: object) -> None:
+        go.release()
+        done.acquire()
+
+    return call
+
+
 def time_value_type(vt: str, w, x: np.ndarray, rows: int, rounds: int) -> None:
-    """Print the five timings for value type ``vt``."""
+    """Print the six timings for value type ``vt``."""
     impls = rotating_copies(w, vt)
     parts = impls[0].parts
     if len(parts) != 3:
@@ -44,6 +68,7 @@ def time_value_type(vt: str, w, x: np.ndarray, rows: int, rounds: int) -> None:
         "two threads (run_ranges)": lambda a: run_ranges(fn, parts, a),
         "two threads, empty ranges": lambda a: run_ranges(fn, np.array([0, 0, 0]), a),
         "one thread, empty range": lambda a: fn(0, 0, 0, *a),
+        "lock round trip, no kernel": lock_round_trip(),
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
     calls = 4 * len(sets)
