@@ -133,7 +133,8 @@ def test_lane_layout_is_a_permutation_of_the_stored_bytes(value_type: str) -> No
 
 def test_unknown_bitmask_design_is_refused() -> None:
     packed = pack(sparse_weight(4, 16, 0.5, seed=1), "bitmask", "fp16")
-    with pytest.raises(ValueError, match="unknown bitmask kernel design 'fast'; choose one of lanes, split, tiles"):
+    expected = "unknown bitmask kernel design 'fast'; choose one of lanes, pipelined, split, tiles"
+    with pytest.raises(ValueError, match=expected):
         build_linear_kernel(packed, design="fast")
 
 
@@ -156,7 +157,7 @@ def test_bitmask_several_tiles_and_int8_bias() -> None:
     check(run(build_linear_kernel(packed, bias=bias), x), packed, x, bias)
 
 
-@pytest.mark.parametrize("fmt", ["bitmask", "bitmask-split", "bitmask-tiles", "nm"])
+@pytest.mark.parametrize("fmt", ["bitmask", "bitmask-pipelined", "bitmask-split", "bitmask-tiles", "nm"])
 @pytest.mark.parametrize("warps", [1, 3, 8])
 def test_rows_per_block_is_a_tuning_knob_that_keeps_results(fmt: str, warps: int) -> None:
     # 10 rows: a partial last block for every block size; 2100 columns: two or three tiles

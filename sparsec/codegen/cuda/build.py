@@ -51,7 +51,8 @@ def _resident_blocks(threads: int, shared: int) -> int:
 
 def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: bool,
                         warps: int | None, design: str = "lanes") -> KernelSpec:
-    """The ``lanes`` and ``split`` designs: same weight layout and launch, different kernels."""
+    """The ``lanes``, ``pipelined`` and ``split`` designs: same weight layout and launch,
+    different kernels."""
     a = packed.arrays()  # type: ignore[attr-defined]
     module = split_kernels if design == "split" else lane_kernels
     prepared = module.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales)
@@ -61,6 +62,9 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
     key = (f"bitmask-{design}", a.value_type, a.cols, activation, has_bias, group_size, warps)
 
     def make(bucket: int):
+        if design == "pipelined":
+            return module.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps,
+                                      pipelined=True)
         return module.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
 
     # asked at every launch: the device is queried once per bucket
@@ -89,7 +93,7 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
 def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool, warps: int | None,
                   design: str | None = None) -> KernelSpec:
     design = design or BITMASK_DESIGNS[0]
-    if design in ("lanes", "split"):
+    if design in ("lanes", "pipelined", "split"):
         return _bitmask_lanes_spec(packed, activation, has_bias, warps, design)
     a = packed.arrays()  # type: ignore[attr-defined]
     arrays = bitmask_kernels.prepare_arrays(
