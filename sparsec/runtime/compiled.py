@@ -264,10 +264,13 @@ class CompiledModule(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the model runs; tensor inputs are moved here, outputs stay here."""
-        from sparsec.ir.device import graph_device
+        """Where the model runs; tensor inputs are moved here, outputs stay here. A graph with
+        no tensor of its own (every layer a kernel without bias) runs where its target does."""
+        if any(True for _ in self.graph_module.parameters()) or any(True for _ in self.graph_module.buffers()):
+            from sparsec.ir.device import graph_device
 
-        return graph_device(self.graph_module)
+            return graph_device(self.graph_module)
+        return target_device(self.target)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from sparsec.capture import bind_inputs

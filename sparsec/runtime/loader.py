@@ -481,7 +481,8 @@ def _load(root: Path) -> Any:
 
     from sparsec.codegen.cpu.aot import AotError
     from sparsec.formats.base import FormatError, format_class
-    from sparsec.runtime.compiled import CompiledModule, KernelLinear, kernel_builder
+    from sparsec.ir.device import move_graph
+    from sparsec.runtime.compiled import CompiledModule, KernelLinear, kernel_builder, target_device
 
     manifest = read_manifest(root)
     check_compatible(manifest)
@@ -528,6 +529,11 @@ def _load(root: Path) -> Any:
                                 f"that its layers launch; the artifact is damaged or incomplete: recompile it")
     gm = decode_graph(desc, tensors, kernels)
     gm.eval()
+    # safetensors loads on the CPU; the graph's other tensors (biases, norms, embeddings, the
+    # devices recorded inside nodes) go where the kernels run, as compile() places them
+    device = target_device(target)
+    if device.type != "cpu":
+        move_graph(gm, device)
     compiled = CompiledModule(gm, method=manifest["capture_method"], input_names=manifest["input_names"],
                               constant_kwargs=manifest["constant_kwargs"], target=target,
                               pipeline=manifest["pipeline"], report=manifest.get("report"))
