@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated rows (warps) per block to compare, 1-8, or 'default' (each "
                         "design's own: 8 for lanes, 4 for tiles and nm)")
     p.add_argument("--designs", default="lanes",
-                   help="comma-separated bitmask kernel designs to compare: lanes, pipelined, split, tiles "
+                   help="comma-separated bitmask kernel designs to compare: lanes, runs, tiles "
                         "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="timed blocks per measurement (median taken)")
     p.add_argument("--block", type=int, default=40, help="launches per timed block")

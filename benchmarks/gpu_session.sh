@@ -2,8 +2,8 @@
 # Everything sparsec checks and times on a GPU, in as few device calls as possible.
 #
 #   bash benchmarks/gpu_session.sh kernels   # environment, CUDA kernel and artifact tests on the GPU,
-#                                            # kernel benchmark (lanes, pipelined and split designs at
-#                                            # 75%), Nsight Compute on one launch where counters exist
+#                                            # kernel benchmark (lanes and runs designs at 75%),
+#                                            # Nsight Compute on one launch where counters exist
 #   bash benchmarks/gpu_session.sh profile   # Nsight Compute on the bitmask kernels (needs hardware
 #                                            # counters: Firecracker machines have them, gVisor ones not)
 #   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager, the CUDA artifact
@@ -57,18 +57,20 @@ print(sys.version.split()[0], \"numpy\", numpy.__version__, \"torch\", torch.__v
 from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda_available())"'
     # Kernel tests (every design), then the CUDA artifact round trip and the target's own tests:
     # none of them needs the SmolLM2 weights.
-    step tests "${TESTS_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
+    step tests "${TESTS_LIMIT:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
       tests/test_cuda_artifact.py tests/test_cuda_target.py
     step bench75 "${BENCH_LIMIT:-170}" $PY benchmarks/gpu_kernels.py --sparsities 0.75 --batches 1,16 \
-      --designs "${DESIGNS:-lanes,pipelined,split}" --json "$OUT/gpu_kernels_75.json"
+      --designs "${DESIGNS:-lanes,runs}" --json "$OUT/gpu_kernels_75.json"
     step bench "${BENCH2_LIMIT:-0}" $PY benchmarks/gpu_kernels.py --sparsities 0.5,0.9,2:4 \
       --shapes 11008x4096,4096x11008 --batches 1,16 --json "$OUT/gpu_kernels_other.json"
     step tune "${TUNE_LIMIT:-0}" $PY benchmarks/gpu_kernels.py --shapes 11008x4096,4096x11008 \
       --sparsities 0.75 --batches 1 --warps 4,8 --json "$OUT/gpu_tune.json"
     # Hardware counters where the machine exposes them (Firecracker yes, gVisor no): one launch
-    # of each design named in PROFILE_DESIGNS, fp16, 11008x4096 at 75%.
-    for design in ${PROFILE_DESIGNS:-lanes pipelined}; do
-      step "ncu_$design" "${PROFILE_LIMIT:-60}" ncu --clock-control none --launch-skip 3 --launch-count 1 \
+    # of each design named in PROFILE_DESIGNS, fp16, 11008x4096 at 75%. --kernel-name keeps
+    # torch's own kernels out of the count (unfiltered, the skipped launches were torch's).
+    for design in ${PROFILE_DESIGNS:-lanes runs}; do
+      step "ncu_$design" "${PROFILE_LIMIT:-60}" ncu --clock-control none --kernel-name regex:bitmask \
+        --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         --section MemoryWorkloadAnalysis $PY benchmarks/gpu_profile.py --design "$design" --value-type fp16
     done
@@ -78,11 +80,11 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
     # bounds it: throughput against the limits, occupancy, why warps stall, issue efficiency.
     sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats"
     sections="$sections --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"
-    for case in "lanes fp16 auto" "lanes fp16 off" "lanes int4 auto" "pipelined fp16 auto" "split fp16 auto"; do
+    for case in "lanes fp16 auto" "lanes fp16 off" "lanes int4 auto" "runs fp16 auto" "tiles fp16 auto"; do
       set -- $case
       # shellcheck disable=SC2086
-      step "ncu_$1_$2_stage-$3" "${PROFILE_LIMIT:-90}" ncu --clock-control none --launch-skip 3 \
-        --launch-count 1 $sections $PY benchmarks/gpu_profile.py --design "$1" --value-type "$2" --stage-x "$3"
+      step "ncu_$1_$2_stage-$3" "${PROFILE_LIMIT:-90}" ncu --clock-control none --kernel-name regex:bitmask \
+        --launch-skip 2 --launch-count 1 $sections $PY benchmarks/gpu_profile.py --design "$1" --value-type "$2" --stage-x "$3"
     done
     ;;
   e2e)

@@ -131,9 +131,36 @@ def test_lane_layout_is_a_permutation_of_the_stored_bytes(value_type: str) -> No
     assert np.array_equal(permuted[: cols0.size], stored[[rank[c] for c in lane_order]])
 
 
+@pytest.mark.parametrize("value_type", ["bf16", "int8", "int4"])
+def test_row_run_layout_is_a_permutation_of_the_stored_bytes(value_type: str) -> None:
+    # The ``runs`` layout: the lane-word mask, and a row's values run lane by lane across all
+    # of its tiles (1100 columns: two tiles).
+    from sparsec.codegen.cuda import bitmask_lanes
+
+    w = sparse_weight(6, 1100, 0.3, seed=22)
+    packed = pack(w, "bitmask", value_type, **({"group_size": 32} if value_type == "int4" else {}))
+    a = packed.arrays()
+    runs = bitmask_lanes.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets,
+                                        a.scales, row_runs=True)
+    dense = np.unpackbits(a.bitmask, axis=1, count=a.cols, bitorder="little").astype(bool)
+    tiles = runs.mask.shape[1] // 32
+    bit_j = (runs.mask.reshape(6, tiles, 32, 1) >> np.arange(32, dtype=np.uint32)) & 1  # [r, t, lane, j]
+    back = bit_j.transpose(0, 1, 3, 2).reshape(6, tiles * 1024)
+    assert np.array_equal(back[:, : a.cols].astype(bool), dense) and not back[:, a.cols :].any()
+    nnz = int(dense.sum())
+    stored = bitmask_lanes._value_elements(a.values, value_type, nnz)
+    permuted = bitmask_lanes._value_elements(runs.words.view(np.uint8), value_type, nnz)
+    assert np.array_equal(runs.row_offsets, a.row_offsets.astype(np.int32))
+    # Row 1's values: ordered by (column % 32, tile, (column % 1024) // 32), i.e. by (lane, column).
+    start, cols1 = int(a.row_offsets[1]), np.flatnonzero(dense[1])
+    run_order = cols1[np.lexsort((cols1, cols1 % 32))]
+    rank = {c: i for i, c in enumerate(cols1)}
+    assert np.array_equal(permuted[start : start + cols1.size], stored[[start + rank[c] for c in run_order]])
+
+
 def test_unknown_bitmask_design_is_refused() -> None:
     packed = pack(sparse_weight(4, 16, 0.5, seed=1), "bitmask", "fp16")
-    expected = "unknown bitmask kernel design 'fast'; choose one of lanes, pipelined, split, tiles"
+    expected = "unknown bitmask kernel design 'fast'; choose one of lanes, runs, tiles"
     with pytest.raises(ValueError, match=expected):
         build_linear_kernel(packed, design="fast")
 
@@ -157,7 +184,7 @@ def test_bitmask_several_tiles_and_int8_bias() -> None:
     check(run(build_linear_kernel(packed, bias=bias), x), packed, x, bias)
 
 
-@pytest.mark.parametrize("fmt", ["bitmask", "bitmask-pipelined", "bitmask-split", "bitmask-tiles", "nm"])
+@pytest.mark.parametrize("fmt", ["bitmask", "bitmask-runs", "bitmask-tiles", "nm"])
 @pytest.mark.parametrize("warps", [1, 3, 8])
 def test_rows_per_block_is_a_tuning_knob_that_keeps_results(fmt: str, warps: int) -> None:
     # 10 rows: a partial last block for every block size; 2100 columns: two or three tiles

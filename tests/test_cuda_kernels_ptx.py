@@ -47,7 +47,7 @@ class _Hopper:
 
 dispatcher.get_current_device = lambda: _Hopper()
 
-from sparsec.codegen.cuda import bitmask, bitmask_lanes, bitmask_split, nm
+from sparsec.codegen.cuda import bitmask, bitmask_lanes, nm
 
 def arr(dt, nd):
     return T.Array(dt, nd, "C")
@@ -55,7 +55,7 @@ def arr(dt, nd):
 out = []
 cases = [("bitmask", vt, b) for vt in ("fp32", "bf16", "fp16", "int8", "int4") for b in (1, 16)]
 cases += [("lanes", vt, b) for vt in ("fp32", "bf16", "fp16", "int8", "int4") for b in (1, 16)]
-cases += [("split", vt, b) for vt in ("fp16", "int8", "int4") for b in (1, 16)]
+cases += [("runs", vt, b) for vt in ("fp16", "int8", "int4") for b in (1, 16)]
 cases += [("nm", vt, b) for vt in ("fp16", "int4") for b in (1, 16)]
 for fmt, vt, batch in cases:
     X = arr(T.float16, 2)
@@ -67,9 +67,9 @@ for fmt, vt, batch in cases:
         k = bitmask_lanes.make_kernel(vt, 4096, batch, "silu", True, 128)
         sig = (X, X, T.int64, T.int64, arr(T.uint32, 2), arr(T.uint32, 1), arr(T.int32, 1),
                arr(T.float32, 2), arr(T.float32, 1))
-    elif fmt == "split":
-        k = bitmask_split.make_kernel(vt, 4096, batch, "silu", True, 128)
-        sig = (X, X, T.int64, T.int64, arr(T.uint32, 2), arr(T.uint64, 1), arr(T.int32, 1),
+    elif fmt == "runs":
+        k = bitmask_lanes.make_runs_kernel(vt, 4096, batch, "silu", True, 128)
+        sig = (X, X, T.int64, T.int64, arr(T.uint32, 2), arr(T.uint32, 1), arr(T.int32, 1),
                arr(T.float32, 2), arr(T.float32, 1))
     else:
         k = nm.make_kernel(vt, 4096, 2, 4, batch, "gelu", True, 128)
@@ -97,10 +97,10 @@ def test_kernels_compile_to_sm90_ptx() -> None:
     for r in results:
         name = f"{r['fmt']}/{r['vt']}/batch {r['batch']}"
         assert r["target"], name
-        if r["fmt"] in ("lanes", "split"):
+        if r["fmt"] in ("lanes", "runs"):
             # batch 1 keeps x in shared memory (4096 float32), batch 16 cannot (256 KiB)
             assert (r["lds"] >= 1) == (r["batch"] == 1), f"{name}: x staging is not as designed"
-        if r["fmt"] != "lanes":
+        if r["fmt"] not in ("lanes", "runs"):
             assert r["v2"] >= 1, f"{name}: values are not read with a 16-byte load"
         assert r["shfl"] >= 5, f"{name}: warp collectives do not use shuffles"
         assert r["local"] == 0, f"{name}: local memory in use (accumulators spilled?)"

@@ -41,7 +41,7 @@ __all__ = [
 KERNEL_FORMATS: tuple[str, ...] = ("bitmask", "nm", "dense")
 
 #: Designs of the bitmask kernel; the first is the default (see ``build_linear_kernel``).
-BITMASK_DESIGNS: tuple[str, ...] = ("lanes", "pipelined", "split", "tiles")
+BITMASK_DESIGNS: tuple[str, ...] = ("lanes", "runs", "tiles")
 
 #: Activations the epilogue can fuse (``None``: none).
 ACTIVATION_NAMES: tuple[str, ...] = ("relu", "gelu", "gelu_tanh", "silu")
@@ -110,11 +110,10 @@ def build_linear_kernel(
     ``warps_per_block``: rows per thread block of the sparse kernels (1 to 8; default 8 for the
     bitmask ``lanes`` design, 4 otherwise), a tuning knob that ``benchmarks/gpu_kernels.py
     --warps`` sweeps. ``design`` picks the bitmask kernel: ``"lanes"`` (default: ``x`` staged in
-    shared memory, each lane walks its own transposed mask word), ``"pipelined"`` (``lanes`` with
-    the next tile's scan and value loads issued before the current tile's walk), ``"split"`` (the same layout,
-    values split evenly over the lanes in 16-byte pieces, each lane finding its columns by a
-    search and select) or ``"tiles"`` (values split evenly over a warp through a shared column
-    list); other formats ignore it.
+    shared memory, each lane walks its own transposed mask word), ``"runs"`` (the same, each lane
+    walking all of its row's words in one loop: less lane imbalance, one scan a row) or
+    ``"tiles"`` (values split evenly over a warp through a shared column list); other formats
+    ignore it.
 
     Raises :class:`CudaUnavailableError` when there is no usable GPU (and no simulator),
     ``ValueError``/``TypeError`` for an unsupported format, value type, activation or a bias of

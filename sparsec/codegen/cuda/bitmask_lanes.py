@@ -165,11 +165,16 @@ def prepare_arrays(
     bitmask: np.ndarray,
     row_offsets: np.ndarray,
     scales: np.ndarray | None,
+    row_runs: bool = False,
 ) -> LaneArrays:
     """Permute the stored bitmask tensors into the lane-word layout; no value is changed.
 
     ``values`` is the ``compressed`` tensor as numpy (only its bytes are used), ``bitmask``
     uint8 ``[rows, ceil(cols/8)]``, ``row_offsets`` int64 ``[rows]`` (in values).
+
+    ``row_runs`` (the ``runs`` design): each lane's values form one run across the whole row
+    (lane 0's values of every tile, then lane 1's, ...) instead of one run per tile; the mask
+    words are the same.
     """
     dense = _unpack_mask(bitmask, rows, cols)
     tiles = dense.shape[1] // TILE_COLS
@@ -184,7 +189,9 @@ def prepare_arrays(
     # Each kept position's index in the stored (row-major) order, read back in lane order.
     order = np.full(dense.shape, -1, dtype=np.int32)
     order[dense] = np.arange(nnz, dtype=order.dtype)
-    perm = order.reshape(rows, tiles, 32, WARP).transpose(0, 1, 3, 2).reshape(-1)
+    # [rows, tile, j, lane] -> per tile lane-major, or (row_runs) lane-major over the whole row
+    lane_order = (0, 3, 1, 2) if row_runs else (0, 1, 3, 2)
+    perm = order.reshape(rows, tiles, 32, WARP).transpose(*lane_order).reshape(-1)
     perm = perm[perm >= 0]
     elements = _value_elements(values, value_type, nnz)[perm]
     offsets = np.ascontiguousarray(row_offsets, dtype=np.int64).reshape(-1).astype(np.int32)
@@ -207,13 +214,8 @@ def make_kernel(
     has_bias: bool,
     group_size: int,
     warps: int = WARPS_PER_BLOCK,
-    pipelined: bool = False,
 ):
     """A ``@cuda.jit`` kernel specialized on value type, ``cols``, batch bucket and epilogue.
-
-    ``pipelined`` (the ``pipelined`` design) issues tile ``t+1``'s scan and first value loads
-    before tile ``t``'s walk and keeps each lane's next value word loaded a word ahead: fewer
-    memory round trips in a row's critical path, for a few more instructions a value.
 
     Launch with ``block = 32 * warps`` and any grid (blocks loop over row groups) as
     ``kernel[grid, block, stream](y, x, m, rows, mask, words, row_offsets, scales, bias)``:
@@ -240,18 +242,105 @@ def make_kernel(
     zero_u = np.uint32(0)
     dequant_low = make_dequant_low(value_type)
 
-    @cuda.jit(device=True, inline=True)
-    def first_words(words, kk, word, last_word):
-        """``(cur, nxt)`` for a lane whose run of values starts at value ``kk``: the word holding
-        it, shifted so that value is the low field, and the word after (index clamped to the
-        array). Nothing is loaded for a lane with no set bit."""
-        cur = zero_u
-        nxt = zero_u
-        if word != zero_u:
-            w = np.uint32(kk >> vshift)
-            cur = np.uint32(words[w] >> np.uint32((kk & vmask) * field_bits))
-            nxt = words[min(np.uint32(w + one), last_word)]
-        return cur, nxt
+    @jit_kernel
+    def kernel(y, x, m, rows, mask, words, row_offsets, scales, bias):
+        tid = cuda.threadIdx.x
+        warp = tid // WARP
+        lane = tid % WARP
+        scan_scratch = cuda.shared.array((warps, WARP), np.int32)
+        sum_scratch = cuda.shared.array((warps, WARP), np.float32)
+        xs = cuda.shared.array(xs_len, np.float32)
+        last = m - 1
+        if stage:
+            stage_x(xs, x, tid, last)
+        acc = cuda.local.array(batch, np.float32)
+        groups = (rows + warps - 1) // warps
+        # Every warp of a block runs the same row groups and tiles, even past the last row:
+        # the collectives inside must be reached by the whole block (see device.py).
+        g = cuda.blockIdx.x
+        while g < groups:
+            row = g * warps + warp
+            live = row < rows
+            for b in range(batch):
+                acc[b] = np.float32(0.0)
+            start = np.int32(row_offsets[row]) if live else np.int32(0)
+            upcoming = mask[row, lane] if live else zero_u
+            for t in range(ntiles):
+                word = upcoming
+                # The next tile's word is loaded a tile ahead: its latency overlaps this tile.
+                if live and t + 1 < ntiles:
+                    upcoming = mask[row, (t + 1) * WARP + lane]
+                count = np.int32(cuda.popc(word))
+                before, total = warp_scan(count, lane, scan_scratch[warp])
+                # Index arithmetic stays 32-bit and unsigned (no wraparound code for indices).
+                kk = np.uint32(start + before)
+                rest = word
+                # Column of bit position p (1-based, from ffs): tile start + lane + 32 (p - 1).
+                col_base = np.int32(t * TILE_COLS + lane - 32)
+                # ``cur`` holds the current value word shifted so its next value is the low field.
+                cur = zero_u
+                if rest != zero_u:
+                    cur = np.uint32(words[kk >> vshift] >> np.uint32((kk & vmask) * field_bits))
+                while rest != zero_u:
+                    if (kk & vmask) == zero_u:
+                        cur = words[kk >> vshift]
+                    pos = np.int32(cuda.ffs(rest))
+                    rest = np.uint32(rest & np.uint32(rest - one))
+                    col = np.uint32(col_base + (pos << 5))
+                    v = dequant_low(cur)
+                    cur = np.uint32(cur >> field_shift)
+                    if vt == 4:
+                        v *= scales[row, col // gsize]
+                    for b in range(batch):
+                        acc[b] += v * read_x(xs, x, b, last, col)
+                    kk = np.uint32(kk + one)
+                start = np.int32(start + total)
+            finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])
+            g += cuda.gridDim.x
+
+    return kernel
+
+
+def make_runs_kernel(
+    value_type: str,
+    cols: int,
+    batch: int,
+    activation: str | None,
+    has_bias: bool,
+    group_size: int,
+    warps: int = WARPS_PER_BLOCK,
+):
+    """The ``runs`` design: the lane-word kernel with one walk per row instead of one per tile.
+
+    Why. On an H200 the lane-word kernel is bound by instruction issue (a variant that waited
+    less on memory but issued ~30% more instructions a value was 14-39% slower), and a tile
+    costs its fullest lane's bit count: the lanes reconverge after every tile's walk, so a row
+    costs the sum over tiles of the maximum over lanes (about 1.7x the mean at 75% sparsity).
+    Here each lane walks all of its row's words in one loop, so a row costs the maximum over
+    lanes of the sum (closer to the mean: the counts of several words vary less), and one warp
+    scan a row replaces one a tile. Needs the ``row_runs`` layout of :func:`prepare_arrays`.
+
+    Same launch and arguments as :func:`make_kernel`.
+    """
+    vt = VALUE_CODES[value_type]
+    per_u32 = VALUES_PER_U32[value_type]
+    vshift = np.uint32(int(math.log2(per_u32)))
+    vmask = np.uint32(per_u32 - 1)
+    field_bits = 32 // per_u32
+    field_shift = np.uint32(field_bits % 32)  # fp32: one value a word, never shifted
+    cols_p = padded_cols(cols)
+    ntiles = cols_p // TILE_COLS
+    last_tile = np.uint32(ntiles - 1)
+    stage = stages_x(cols, batch)
+    xs_len = batch * cols_p if stage else 1
+    finish = make_epilogue(batch, value_type, has_bias, activation)
+    stage_x = make_stage_x(cols, batch, warps * WARP)
+    read_x = make_read_x(cols, batch)
+    gsize = int(group_size)
+    warps = int(warps)
+    one = np.uint32(1)
+    zero_u = np.uint32(0)
+    dequant_low = make_dequant_low(value_type)
 
     @jit_kernel
     def kernel(y, x, m, rows, mask, words, row_offsets, scales, bias):
@@ -265,98 +354,64 @@ def make_kernel(
         if stage:
             stage_x(xs, x, tid, last)
         acc = cuda.local.array(batch, np.float32)
-        last_word = np.uint32(words.shape[0] - 1)
         groups = (rows + warps - 1) // warps
-        # Every warp of a block runs the same row groups and tiles, even past the last row:
-        # the collectives inside must be reached by the whole block (see device.py).
+        # Every warp of a block runs the same row groups, even past the last row: the
+        # collectives inside must be reached by the whole block (see device.py).
         g = cuda.blockIdx.x
         while g < groups:
             row = g * warps + warp
             live = row < rows
             for b in range(batch):
                 acc[b] = np.float32(0.0)
-            if pipelined:
-                start = np.int32(row_offsets[row]) if live else np.int32(0)
-                word = mask[row, lane] if live else zero_u
-                upcoming = mask[row, WARP + lane] if live and ntiles > 1 else zero_u
-                before, total = warp_scan(np.int32(cuda.popc(word)), lane, scan_scratch[warp])
-                # Index arithmetic stays 32-bit and unsigned (no wraparound code for indices).
-                kk = np.uint32(start + before)
-                cur, nxt = first_words(words, kk, word, last_word)
+            start = np.int32(row_offsets[row]) if live else np.int32(0)
+            # The lane's bit count over the row: its words' loads are independent, all in flight.
+            count = np.int32(0)
+            if live:
                 for t in range(ntiles):
-                    # Software pipeline, one tile deep: tile t+1's scan and first value loads are
-                    # issued before tile t's walk, so their memory latency overlaps the walk
-                    # instead of following it (the mask word is loaded two tiles ahead).
-                    next_word = upcoming
-                    next_before = np.int32(0)
-                    next_total = np.int32(0)
-                    next_kk = zero_u
-                    next_cur = zero_u
-                    next_nxt = zero_u
-                    if t + 1 < ntiles:
-                        if live and t + 2 < ntiles:
-                            upcoming = mask[row, (t + 2) * WARP + lane]
-                        next_before, next_total = warp_scan(np.int32(cuda.popc(next_word)), lane, scan_scratch[warp])
-                        next_kk = np.uint32(start + total + next_before)
-                        next_cur, next_nxt = first_words(words, next_kk, next_word, last_word)
-                    rest = word
-                    # Column of bit position p (1-based, from ffs): tile start + lane + 32 (p - 1).
-                    col_base = np.int32(t * TILE_COLS + lane - 32)
-                    # ``cur`` holds the current value word shifted so its next value is the low
-                    # field; ``nxt`` the following word, loaded a word ahead.
-                    while rest != zero_u:
-                        pos = np.int32(cuda.ffs(rest))
-                        rest = np.uint32(rest & np.uint32(rest - one))
-                        col = np.uint32(col_base + (pos << 5))
-                        v = dequant_low(cur)
-                        cur = np.uint32(cur >> field_shift)
-                        if vt == 4:
-                            v *= scales[row, col // gsize]
-                        for b in range(batch):
-                            acc[b] += v * read_x(xs, x, b, last, col)
-                        kk = np.uint32(kk + one)
-                        if (kk & vmask) == zero_u and rest != zero_u:
-                            cur = nxt
-                            nxt = words[min(np.uint32((kk >> vshift) + one), last_word)]
-                    start = np.int32(start + total)
-                    word = next_word
-                    total = next_total
-                    kk = next_kk
-                    cur = next_cur
-                    nxt = next_nxt
-            else:
-                start = np.int32(row_offsets[row]) if live else np.int32(0)
-                upcoming = mask[row, lane] if live else zero_u
-                for t in range(ntiles):
-                    word = upcoming
-                    # The next tile's word is loaded a tile ahead: its latency overlaps this tile.
-                    if live and t + 1 < ntiles:
-                        upcoming = mask[row, (t + 1) * WARP + lane]
-                    count = np.int32(cuda.popc(word))
-                    before, total = warp_scan(count, lane, scan_scratch[warp])
-                    # Index arithmetic stays 32-bit and unsigned (no wraparound code for indices).
-                    kk = np.uint32(start + before)
-                    rest = word
-                    # Column of bit position p (1-based, from ffs): tile start + lane + 32 (p - 1).
-                    col_base = np.int32(t * TILE_COLS + lane - 32)
-                    # ``cur`` holds the current value word shifted so its next value is the low field.
-                    cur = zero_u
-                    if rest != zero_u:
-                        cur = np.uint32(words[kk >> vshift] >> np.uint32((kk & vmask) * field_bits))
-                    while rest != zero_u:
-                        if (kk & vmask) == zero_u:
-                            cur = words[kk >> vshift]
-                        pos = np.int32(cuda.ffs(rest))
-                        rest = np.uint32(rest & np.uint32(rest - one))
-                        col = np.uint32(col_base + (pos << 5))
-                        v = dequant_low(cur)
-                        cur = np.uint32(cur >> field_shift)
-                        if vt == 4:
-                            v *= scales[row, col // gsize]
-                        for b in range(batch):
-                            acc[b] += v * read_x(xs, x, b, last, col)
-                        kk = np.uint32(kk + one)
-                    start = np.int32(start + total)
+                    count += np.int32(cuda.popc(mask[row, t * WARP + lane]))
+            before, _ = warp_scan(count, lane, scan_scratch[warp])
+            # Index arithmetic stays 32-bit and unsigned (no wraparound code for indices).
+            kk = np.uint32(start + before)
+            end = np.uint32(kk + np.uint32(count))
+            rest = zero_u
+            upcoming = zero_u
+            if live:
+                rest = mask[row, lane]
+                upcoming = mask[row, min(one, last_tile) * WARP + lane]
+            tile = zero_u
+            col_base = np.int32(lane)  # column of the current word's bit 0
+            # ``cur`` holds the current value word shifted so its next value is the low field.
+            cur = zero_u
+            if kk != end:
+                cur = np.uint32(words[kk >> vshift] >> np.uint32((kk & vmask) * field_bits))
+                # The loop tests only ``rest`` (free: the bit clear sets it); the rarer test
+                # for the end of the run and the move to the next word sit behind it.
+                while rest == zero_u:
+                    tile = np.uint32(tile + one)
+                    rest = upcoming
+                    col_base = np.int32(col_base + TILE_COLS)
+                    upcoming = mask[row, min(np.uint32(tile + one), last_tile) * WARP + lane]
+                while True:
+                    pos = np.int32(cuda.ffs(rest)) - np.int32(1)
+                    rest = np.uint32(rest & np.uint32(rest - one))
+                    col = np.uint32(col_base + (pos << 5))
+                    if (kk & vmask) == zero_u:
+                        cur = words[kk >> vshift]
+                    v = dequant_low(cur)
+                    cur = np.uint32(cur >> field_shift)
+                    if vt == 4:
+                        v *= scales[row, col // gsize]
+                    for b in range(batch):
+                        acc[b] += v * read_x(xs, x, b, last, col)
+                    kk = np.uint32(kk + one)
+                    if rest == zero_u:
+                        if kk == end:
+                            break
+                        while rest == zero_u:  # the next word with a set bit (one is left)
+                            tile = np.uint32(tile + one)
+                            rest = upcoming
+                            col_base = np.int32(col_base + TILE_COLS)
+                            upcoming = mask[row, min(np.uint32(tile + one), last_tile) * WARP + lane]
             finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])
             g += cuda.gridDim.x
 

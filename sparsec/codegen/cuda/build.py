@@ -10,7 +10,6 @@ import torch
 from sparsec.codegen.cuda import BITMASK_DESIGNS, KERNEL_FORMATS
 from sparsec.codegen.cuda import bitmask as bitmask_kernels
 from sparsec.codegen.cuda import bitmask_lanes as lane_kernels
-from sparsec.codegen.cuda import bitmask_split as split_kernels
 from sparsec.codegen.cuda import nm as nm_kernels
 from sparsec.codegen.cuda.dense import DenseCudaLinear
 from sparsec.codegen.cuda.kernel import CudaLinearKernel, KernelSpec
@@ -51,20 +50,20 @@ def _resident_blocks(threads: int, shared: int) -> int:
 
 def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: bool,
                         warps: int | None, design: str = "lanes") -> KernelSpec:
-    """The ``lanes``, ``pipelined`` and ``split`` designs: same weight layout and launch,
-    different kernels."""
+    """The ``lanes`` and ``runs`` designs: the lane-word layout (``runs``: values in one run per
+    lane and row, words bit-reversed) and the same launch."""
     a = packed.arrays()  # type: ignore[attr-defined]
-    module = split_kernels if design == "split" else lane_kernels
-    prepared = module.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales)
+    module = lane_kernels
+    prepared = module.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales,
+                                     row_runs=design == "runs")
     arrays = (prepared.mask, prepared.words, prepared.row_offsets, prepared.scales)
     group_size = int(a.group_size) if a.value_type == "int4" else 1
     warps = warps or module.WARPS_PER_BLOCK
     key = (f"bitmask-{design}", a.value_type, a.cols, activation, has_bias, group_size, warps)
 
     def make(bucket: int):
-        if design == "pipelined":
-            return module.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps,
-                                      pipelined=True)
+        if design == "runs":
+            return module.make_runs_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
         return module.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
 
     # asked at every launch: the device is queried once per bucket
@@ -93,7 +92,7 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
 def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool, warps: int | None,
                   design: str | None = None) -> KernelSpec:
     design = design or BITMASK_DESIGNS[0]
-    if design in ("lanes", "pipelined", "split"):
+    if design in ("lanes", "runs"):
         return _bitmask_lanes_spec(packed, activation, has_bias, warps, design)
     a = packed.arrays()  # type: ignore[attr-defined]
     arrays = bitmask_kernels.prepare_arrays(

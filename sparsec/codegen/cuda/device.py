@@ -75,15 +75,6 @@ if SIMULATOR:
         return inclusive - int(value), total
 
     @cuda.jit(device=True)
-    def warp_read(value, source, lane, scratch):
-        """The int32 ``value`` held by lane ``source`` (each lane may name its own source)."""
-        scratch[lane] = value
-        cuda.syncthreads()
-        out = int(scratch[source])
-        cuda.syncthreads()
-        return out
-
-    @cuda.jit(device=True)
     def warp_reduce_sum(value, lane, scratch):
         """Sum of a float32 ``value`` over the 32 lanes, returned to every lane."""
         scratch[lane] = value
@@ -180,11 +171,6 @@ else:
             step *= 2
         total = cuda.shfl_sync(FULL_MASK, inclusive, WARP - 1)
         return np.int32(inclusive - value), total
-
-    @cuda.jit(device=True, inline=True)
-    def warp_read(value, source, lane, scratch):
-        """The int32 ``value`` held by lane ``source`` (each lane may name its own source)."""
-        return cuda.shfl_sync(FULL_MASK, np.int32(value), source)
 
     @cuda.jit(device=True, inline=True)
     def warp_reduce_sum(value, lane, scratch):
