@@ -42,6 +42,8 @@ LOSSES = {
     "ce+squarehead": {"ce": 1.0, "kl": 0.0, "squarehead": 1.0},
     # each token normalized by its own teacher energy (see sparsec/finetune/losses.py)
     "ce+squarehead-token": {"ce": 1.0, "kl": 0.0, "squarehead": 1.0, "squarehead_normalize": "token"},
+    # both distillation terms: does matching hidden states add anything on top of the logits?
+    "ce+kl+squarehead": {"ce": 1.0, "kl": 1.0, "squarehead": 1.0},
 }
 #: losses run unless --losses says otherwise (the paper's three)
 DEFAULT_LOSSES = ("ce", "ce+kl", "ce+squarehead")
