@@ -1,0 +1,150 @@
+"""Instructions per kept value of the CUDA bitmask kernels, read from their sm_90 machine code.
+
+No GPU needed. The kernels are compiled to PTX for sm_90 (numba-cuda with libnvvm), assembled
+with ``ptxas`` and disassembled with ``nvdisasm``; the bit-walking loop of each kernel (the loop
+whose body holds the ``FLO`` of the find-first-set) is located by its backward branch, and its
+instructions are counted. On an H200 the lane-word kernel is bound by instruction issue (see
+docs/performance.md), so these counts, weighted by how many loop trips the fullest lane makes,
+predict the designs' relative cost; the GPU benchmark (``benchmarks/gpu_kernels.py``) measures it.
+
+    CUDA_HOME=/path/to/nvidia/cu13 python benchmarks/cuda_sass.py [--cols 4096,11008] [--sparsity 0.75]
+
+Needs, all available as wheels: ``CUDA_HOME`` pointing at a folder holding ``lib/libnvvm.so.4``
+and ``lib/libnvrtc.so.13`` (the ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels unpacked into one
+``nvidia/cu13``), ``ptxas`` (``nvidia-cuda-nvcc``) and ``nvdisasm`` (``nvidia-cuda-nvdisasm``) on
+the PATH or named with ``--ptxas`` / ``--nvdisasm``.
+
+Columns: ``loop`` the instructions of one trip of the bit walk (one kept value per lane),
+``LDG``/``LDS`` its global and shared loads (predicated ones included), ``regs`` the kernel's
+registers, ``trips`` the fullest lane's trips per row over random rows at the given sparsity
+(lanes reconverge after every tile in ``lanes``, once a row in ``runs``), ``slots/row`` the
+estimate ``loop * trips`` (the per-tile and per-row setup is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+DESIGNS = ("lanes", "runs")
+VALUE_TYPES = ("fp16", "int8", "int4")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cols", default="4096,11008", help="comma-separated column counts (default: %(default)s)")
+    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--value-types", default=",".join(VALUE_TYPES))
+    p.add_argument("--batch", type=int, default=1, help="batch bucket the kernels are built for")
+    p.add_argument("--ptxas", default=shutil.which("ptxas"), help="path of ptxas (default: from PATH)")
+    p.add_argument("--nvdisasm", default=shutil.which("nvdisasm"), help="path of nvdisasm (default: from PATH)")
+    p.add_argument("--rows", type=int, default=2000, help="random rows for the imbalance estimate")
+    return p.parse_args(argv)
+
+
+def walk_loop(sass: str) -> dict[str, int] | None:
+    """Instruction counts of the innermost loop holding a ``FLO`` (the bit walk), or None."""
+    labels: dict[str, int] = {}
+    code: list[str] = []
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(code)
+            continue
+        ins = re.match(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if ins:
+            code.append(ins.group(1))
+    best = None
+    for i, ins in enumerate(code):
+        branch = re.search(r"BRA `\((\.L_x_\d+)\)", ins)
+        if not branch or labels.get(branch.group(1), i + 1) > i:
+            continue
+        body = code[labels[branch.group(1)]: i + 1]
+        if any(" FLO" in f" {b}" or b.startswith("FLO") for b in body) and (best is None or len(body) < len(best)):
+            best = body
+    if best is None:
+        return None
+    return {"loop": len(best), "LDG": sum("LDG" in b for b in best), "LDS": sum("LDS" in b for b in best)}
+
+
+def fullest_lane_trips(design: str, cols: int, sparsity: float, rows: int) -> float:
+    """Mean over random rows of the bit-walk trips the slowest lane makes (per row)."""
+    tiles = -(-cols // 1024)
+    rng = np.random.default_rng(0)
+    kept = rng.random((rows, tiles, 32, 32)) >= sparsity  # row, tile, lane, bit j (column 32 j + lane)
+    valid = (np.arange(tiles * 1024).reshape(tiles, 32, 32).transpose(0, 2, 1) < cols)
+    counts = (kept & valid).sum(-1)  # row, tile, lane
+    if design == "lanes":  # the warp reconverges after every tile
+        return float(counts.max(axis=2).sum(axis=1).mean())
+    return float(counts.sum(axis=1).max(axis=1).mean())  # one walk a row
+
+
+def compile_ptx(design: str, value_type: str, cols: int, batch: int) -> str:
+    from numba import cuda
+    from numba.cuda import types as T
+
+    from sparsec.codegen.cuda import bitmask_lanes
+
+    make = bitmask_lanes.make_runs_kernel if design == "runs" else bitmask_lanes.make_kernel
+    kernel = make(value_type, cols, batch, None, False, 128)
+    f16 = T.Array(T.float16, 2, "C")
+    sig = (f16, f16, T.int64, T.int64, T.Array(T.uint32, 2, "C"), T.Array(T.uint32, 1, "C"),
+           T.Array(T.int32, 1, "C"), T.Array(T.float32, 2, "C"), T.Array(T.float32, 1, "C"))
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    return ptx
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.ptxas or not args.nvdisasm:
+        print("cuda_sass.py needs ptxas and nvdisasm: put them on the PATH or pass --ptxas/--nvdisasm",
+              file=sys.stderr)
+        return 2
+    if not os.environ.get("CUDA_HOME"):
+        print("cuda_sass.py needs CUDA_HOME: a folder with lib/libnvvm.so.4 and lib/libnvrtc.so.13", file=sys.stderr)
+        return 2
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import numba.cuda.dispatcher as dispatcher
+
+    class _Hopper:  # no GPU here: numba-cuda asks the current device for its compute capability
+        compute_capability = (9, 0)
+
+    dispatcher.get_current_device = lambda: _Hopper()
+
+    print(f"# sm_90 SASS of the bitmask bit walk, batch {args.batch}, sparsity {args.sparsity:.0%}")
+    print(f"{'cols':>6} {'design':>6} {'values':>6} {'loop':>5} {'LDG':>4} {'LDS':>4} {'regs':>5} "
+          f"{'trips':>7} {'slots/row':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for cols in (int(c) for c in args.cols.split(",")):
+            for value_type in args.value_types.split(","):
+                for design in DESIGNS:
+                    ptx_path = os.path.join(tmp, "k.ptx")
+                    cubin = os.path.join(tmp, "k.cubin")
+                    with open(ptx_path, "w") as f:
+                        f.write(compile_ptx(design, value_type, cols, args.batch))
+                    info = subprocess.run([args.ptxas, "-arch=sm_90", "-O3", "-v", ptx_path, "-o", cubin],
+                                          capture_output=True, text=True, check=True).stderr
+                    regs = re.search(r"Used (\d+) registers", info)
+                    sass = subprocess.run([args.nvdisasm, "-c", cubin], capture_output=True, text=True,
+                                          check=True).stdout
+                    loop = walk_loop(sass)
+                    if loop is None:
+                        print(f"{cols:>6} {design:>6} {value_type:>6}  no bit-walk loop found")
+                        continue
+                    trips = fullest_lane_trips(design, cols, args.sparsity, args.rows)
+                    print(f"{cols:>6} {design:>6} {value_type:>6} {loop['loop']:>5} {loop['LDG']:>4} "
+                          f"{loop['LDS']:>4} {regs.group(1) if regs else '?':>5} {trips:>7.1f} "
+                          f"{loop['loop'] * trips:>9.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
