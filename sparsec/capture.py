@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsec.errors import first_line
 from sparsec.ir import meta
 from sparsec.ir.layers import find_layers
 
@@ -138,7 +139,7 @@ def capture(model: nn.Module, example_inputs: Any, method: str = "auto") -> Capt
     except CaptureError:
         raise
     except Exception as e:  # noqa: BLE001 - turned into one clear sentence below
-        tried.append(f"torch.export: {_first_line(e)}")
+        tried.append(f"torch.export: {_error_line(e)}")
         raise CaptureError(
             f"could not capture {type(model).__name__}: " + "; ".join(tried)
             + ". Wrap the untraceable code in its own submodule, or pass example inputs the model accepts"
@@ -152,7 +153,7 @@ def _check_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
             model(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported as one sentence
         raise CaptureError(f"could not capture {type(model).__name__}: the model itself fails on the example inputs "
-                           f"({_first_line(e)}); pass inputs the model accepts") from None
+                           f"({_error_line(e)}); pass inputs the model accepts") from None
 
 
 # -- symbolic_trace with opaque leaves -------------------------------------------------------------
@@ -186,9 +187,9 @@ class _OpaqueTracer(fx.Tracer):
                 if not node.users:
                     self.graph.erase_node(node)
             name = self.path_of_module(m)
-            self.opaque.append(OpaquePart(name, type(m).__name__, _first_line(e)))
+            self.opaque.append(OpaquePart(name, type(m).__name__, _error_line(e)))
             proxy = self.create_proxy("call_module", name, args, kwargs)
-            proxy.node.meta[meta.OPAQUE] = _first_line(e)
+            proxy.node.meta[meta.OPAQUE] = _error_line(e)
             return proxy
 
 
@@ -199,7 +200,7 @@ def _symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[OpaquePart]]
             warnings.simplefilter("ignore")
             graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001 - the root forward itself is not traceable
-        raise _RootNotTraceable(_first_line(e)) from None
+        raise _RootNotTraceable(_error_line(e)) from None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     return gm, tracer.opaque
 
@@ -311,7 +312,5 @@ def _functionalize_weighted_modules(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else type(e).__name__
-    return f"{type(e).__name__}: {first}"[:300]
+def _error_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {first_line(e)}"[:300]

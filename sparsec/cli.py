@@ -303,13 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
         if args.debug:
             raise
+        from sparsec.errors import first_line
         from sparsec.passes.pipeline import PipelineSyntaxError
 
         if isinstance(e, PipelineSyntaxError):
             print(f"sparsec: error: {e.pretty()}", file=sys.stderr)
             return EXIT_USAGE
         known = isinstance(e, _known_errors())
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e)
         if not known:
             message = f"{type(e).__name__}: {message} (rerun with --debug for the traceback)"
         print(f"sparsec: error: {message}", file=sys.stderr)

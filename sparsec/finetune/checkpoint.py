@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from sparsec.errors import first_line
+
 FORMAT = "sparsec.finetune.checkpoint"
 VERSION = 1
 FILENAME = "last.pt"
@@ -72,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure to read is one message
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, limit=200)
         raise CheckpointError(f"checkpoint {path} cannot be read ({first}); it is damaged or not a sparsec "
                               f"fine-tuning checkpoint: delete it or resume from another directory") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

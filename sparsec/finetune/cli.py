@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sparsec.errors import first_line
 from sparsec.finetune.losses import SQUAREHEAD_NORMALIZATIONS
 from sparsec.finetune.trainer import FinetuneConfig, FinetuneError
 
@@ -150,7 +151,7 @@ def load_data(spec: str, tokenizer: Any, seq_len: int, samples: int) -> Any:
 
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - one line for any unreadable file
-        first = (str(e).splitlines() or [""])[0][:200]
+        first = first_line(e, default="", limit=200)
         binary = path.suffix in (".pt", ".pth", ".bin", ".safetensors")
         text = "" if binary else " (text is not read: tokenize it first)"
         raise FinetuneError(f"cannot read --data {spec} ({type(e).__name__}: {first}); {expected}{text}") from None

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from sparsec.codegen.cpu.decoder import SLOTS, step_function
 from sparsec.codegen.cpu.threads import run_concurrently
+from sparsec.errors import first_line
 
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 
@@ -162,7 +163,7 @@ def _build(decoder: nn.Module, threads: int) -> FusedDecodeStep | str:
         step = FusedDecodeStep(decoder, per_layer, vt, threads)
         step.hidden_state(0, 0)
     except Exception as exc:  # noqa: BLE001 - any failure means: decode by module, and say why
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         return f"the {vt} decode step could not be compiled here ({first})"
     return step
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparsec.errors import first_line
 from sparsec.runtime.artifact import TOKENIZER_DIR
 
 
@@ -553,7 +554,7 @@ def _load_tokenizer(spec: str) -> Any:
         try:
             return AutoTokenizer.from_pretrained(spec)
         except Exception as e:  # noqa: BLE001 - one line for any folder transformers cannot read
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(": ")
+            first = first_line(e).rstrip(": ")
             raise GenerationError(f"--tokenizer {spec}: no tokenizer could be loaded from this folder ({first}); "
                                   f"give a Hugging Face folder with tokenizer files, or a bundled model name") \
                 from None
