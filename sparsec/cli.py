@@ -171,14 +171,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_shape(text: str) -> tuple[int, int]:
+    """``ROWSxCOLS`` as two positive ints; anything else is a :class:`CliError` that shows a valid one."""
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        rows = cols = 0
+    if rows <= 0 or cols <= 0:
+        raise CliError(f"--shape must be ROWSxCOLS, two positive whole numbers such as --shape 4096x4096; "
+                       f"got {text!r}")
+    return rows, cols
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from sparsec.models import cache_dir
     from sparsec.tune import tune_cpu, write_cost_model
 
-    try:
-        rows, cols = (int(v) for v in args.shape.lower().split("x"))
-    except ValueError:
-        raise CliError(f"--shape must be ROWSxCOLS such as 4096x4096, got {args.shape!r}") from None
+    rows, cols = _parse_shape(args.shape)
     if args.quick:
         rows, cols = 512, 1024
     out = Path(args.output) if args.output else cache_dir() / "cost-model.json"
@@ -292,9 +301,31 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             ValueError)
 
 
+# Options whose values may start with '-': argparse reads `--shape -4x8` as two options and fails
+# with "expected one argument", so such a value is joined to its option, as in `--shape=-4x8`,
+# and the command's own check says what a valid value looks like.
+_DASH_VALUE_OPTIONS = ("--shape",)
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + argv[i:]
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if argv[i] in _DASH_VALUE_OPTIONS and value[:1] == "-" and value[1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_dash_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.func(args)
     except KeyboardInterrupt:

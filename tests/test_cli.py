@@ -152,6 +152,17 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
     assert blocker.read_text() == "mine" and sorted(tmp_path.iterdir()) == [blocker]
 
 
+@pytest.mark.parametrize("spelling", [["--shape", "-4x8"], ["--shape=-4x8"], ["--shape", "0x8"], ["--shape=4x"]])
+def test_tune_refuses_a_bad_shape_in_one_line(tmp_path, spelling):
+    # argparse alone reads `--shape -4x8` as two options ("expected one argument", after the usage)
+    out = tmp_path / "cost.json"
+    proc = run("tune", "-o", str(out), *spelling)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    _one_line_error(proc, "--shape must be ROWSxCOLS", "such as --shape 4096x4096",
+                    f"got {spelling[-1].removeprefix('--shape=')!r}")
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
 def test_bad_arguments_exit_2():
     proc = run("compile")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
