@@ -8,6 +8,8 @@
 #                                            # counters: Firecracker machines have them, gVisor ones not)
 #   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager, the CUDA artifact
 #                                            # round trip; recovery on the GPU when RECOVERY_ARGS is set
+#   bash benchmarks/gpu_session.sh recovery GGUF  # the recovery experiment at ~3 epochs (docs/recovery.md);
+#                                            # needs the bundled text's JSON in .gpu2/text (TEXT_DIR)
 #
 # The SmolLM2 GGUF (98 MB) is larger than one device call may carry (64 MiB): carry half of it in
 # a first call that copies it to /tmp on the device (`cp .gpu1/part1 /tmp/`), and the other half in
@@ -97,8 +99,21 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
       step recovery "${RECOVERY_LIMIT:-300}" $PY benchmarks/recovery.py --device cuda --out "$OUT/recovery" $RECOVERY_ARGS
     fi
     ;;
+  recovery)
+    # The recovery experiment in the regime not yet measured: about three epochs of the whole
+    # train split (400 steps of 8 x 512 tokens) at 80% and 70%, the paper's three losses.
+    # Estimated 8-9 minutes on an H200 (students ran 6.5-7 steps a second there); rows are
+    # written as each student finishes, so a cut run keeps what it finished.
+    gguf=${2:?give the SmolLM2-135M GGUF file}
+    export SPARSEC_CACHE=${SPARSEC_CACHE:-/tmp/sparsec-cache}
+    mkdir -p "$SPARSEC_CACHE/text" && cp "${TEXT_DIR:-.gpu2/text}"/*.json "$SPARSEC_CACHE/text/"
+    step model 120 $PY -c "from sparsec import models; models.load(gguf='$gguf')"
+    # shellcheck disable=SC2086
+    step recovery "${RECOVERY_LIMIT:-540}" $PY benchmarks/recovery.py --device cuda --out "$OUT/recovery" \
+      ${RECOVERY_ARGS:---sparsities 0.8,0.7 --steps 400 --teacher-steps 30 --batch 8 --seq-len 512 --calibration 16 --eval-windows 32 --threads 16}
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh kernels | e2e GGUF" >&2
+    echo "usage: bash benchmarks/gpu_session.sh kernels | profile | e2e GGUF | recovery GGUF" >&2
     exit 2
     ;;
 esac
