@@ -14,11 +14,14 @@ and ``lib/libnvrtc.so.13`` (the ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels
 ``nvidia/cu13``), ``ptxas`` (``nvidia-cuda-nvcc``) and ``nvdisasm`` (``nvidia-cuda-nvdisasm``) on
 the PATH or named with ``--ptxas`` / ``--nvdisasm``.
 
-Columns: ``loop`` the instructions of one trip of the bit walk (one kept value per lane),
-``LDG``/``LDS`` its global and shared loads (predicated ones included), ``regs`` the kernel's
-registers, ``trips`` the fullest lane's trips per row over random rows at the given sparsity
-(lanes reconverge after every tile in ``lanes``, once a row in ``runs``), ``slots/row`` the
-estimate ``loop * trips`` (the per-tile and per-row setup is not counted).
+Columns: ``loop`` the instructions of one trip of the bit walk, ``/trip`` the kept values it
+takes (one a trip in ``lanes``, a value word's worth in ``runs``), ``/value`` their ratio,
+``LDG``/``LDS`` the trip's global and shared loads (predicated ones included), ``regs`` the
+kernel's registers, ``trips`` the values the fullest lane takes per row over random rows at the
+given sparsity (lanes reconverge after every tile in ``lanes``, once a row in ``runs``), and
+``slots/row`` the estimate ``/value * trips`` (per-tile and per-row setup, and the run's last
+word in ``runs``, not counted). A trip is counted on its common path: the move to the next
+non-empty mask word (a nested loop, about once a word) is left out.
 """
 
 from __future__ import annotations
@@ -49,8 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def walk_loop(sass: str) -> dict[str, int] | None:
-    """Instruction counts of the innermost loop holding a ``FLO`` (the bit walk), or None."""
+def _parse(sass: str) -> tuple[list[str], dict[str, int]]:
     labels: dict[str, int] = {}
     code: list[str] = []
     for line in sass.splitlines():
@@ -61,21 +63,50 @@ def walk_loop(sass: str) -> dict[str, int] | None:
         ins = re.match(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
         if ins:
             code.append(ins.group(1))
+    return code, labels
+
+
+def _hot_path(code: list[str], labels: dict[str, int], first: int, last: int) -> list[str]:
+    """The instructions of ``code[first..last]`` (a loop) that run when no nested loop is entered:
+    nested loops, and blocks that a forward branch skips to avoid one, are left out (in the
+    walk they move to the next non-empty mask word, about once a word)."""
+    cold = set()
+    for i in range(first, last):
+        target = re.search(r"BRA `\((\.L_x_\d+)\)", code[i])
+        if not target or target.group(1) not in labels:
+            continue
+        t = labels[target.group(1)]
+        if first <= t <= i:  # a nested loop
+            cold.update(range(t, i + 1))
+    for i in range(first, last):
+        target = re.search(r"BRA `\((\.L_x_\d+)\)", code[i])
+        if target and target.group(1) in labels and i < labels[target.group(1)] <= last:
+            skipped = range(i + 1, labels[target.group(1)])
+            if any(j in cold for j in skipped):
+                cold.update(skipped)
+    return [code[i] for i in range(first, last + 1) if i not in cold]
+
+
+def walk_loop(sass: str) -> dict[str, int] | None:
+    """Counts for the bit walk: the loop holding find-first-sets (``FLO``) whose common path
+    costs the fewest instructions a value, or None."""
+    code, labels = _parse(sass)
     best = None
     for i, ins in enumerate(code):
         branch = re.search(r"BRA `\((\.L_x_\d+)\)", ins)
         if not branch or labels.get(branch.group(1), i + 1) > i:
             continue
-        body = code[labels[branch.group(1)]: i + 1]
-        if any(" FLO" in f" {b}" or b.startswith("FLO") for b in body) and (best is None or len(body) < len(best)):
-            best = body
-    if best is None:
-        return None
-    return {"loop": len(best), "LDG": sum("LDG" in b for b in best), "LDS": sum("LDS" in b for b in best)}
+        hot = _hot_path(code, labels, labels[branch.group(1)], i)
+        values = sum(h.startswith("FLO") for h in hot)
+        if values and (best is None or len(hot) / values < best["loop"] / best["values"]):
+            best = {"loop": len(hot), "values": values, "LDG": sum("LDG" in h for h in hot),
+                    "LDS": sum("LDS" in h for h in hot)}
+    return best
 
 
 def fullest_lane_trips(design: str, cols: int, sparsity: float, rows: int) -> float:
-    """Mean over random rows of the bit-walk trips the slowest lane makes (per row)."""
+    """Mean over random rows of the values the slowest lane takes per row (the lanes of a warp
+    wait for each other at every reconvergence point)."""
     tiles = -(-cols // 1024)
     rng = np.random.default_rng(0)
     kept = rng.random((rows, tiles, 32, 32)) >= sparsity  # row, tile, lane, bit j (column 32 j + lane)
@@ -120,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     dispatcher.get_current_device = lambda: _Hopper()
 
     print(f"# sm_90 SASS of the bitmask bit walk, batch {args.batch}, sparsity {args.sparsity:.0%}")
-    print(f"{'cols':>6} {'design':>6} {'values':>6} {'loop':>5} {'LDG':>4} {'LDS':>4} {'regs':>5} "
-          f"{'trips':>7} {'slots/row':>9}")
+    print(f"{'cols':>6} {'design':>6} {'values':>6} {'loop':>5} {'/trip':>5} {'/value':>6} {'LDG':>4} {'LDS':>4} "
+          f"{'regs':>5} {'trips':>7} {'slots/row':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for cols in (int(c) for c in args.cols.split(",")):
             for value_type in args.value_types.split(","):
@@ -140,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{cols:>6} {design:>6} {value_type:>6}  no bit-walk loop found")
                         continue
                     trips = fullest_lane_trips(design, cols, args.sparsity, args.rows)
-                    print(f"{cols:>6} {design:>6} {value_type:>6} {loop['loop']:>5} {loop['LDG']:>4} "
-                          f"{loop['LDS']:>4} {regs.group(1) if regs else '?':>5} {trips:>7.1f} "
-                          f"{loop['loop'] * trips:>9.0f}")
+                    per_value = loop["loop"] / loop["values"]
+                    print(f"{cols:>6} {design:>6} {value_type:>6} {loop['loop']:>5} {loop['values']:>5} "
+                          f"{per_value:>6.1f} {loop['LDG']:>4} {loop['LDS']:>4} {regs.group(1) if regs else '?':>5} "
+                          f"{trips:>7.1f} {per_value * trips:>9.0f}")
     return 0
 
 

@@ -131,31 +131,39 @@ def test_lane_layout_is_a_permutation_of_the_stored_bytes(value_type: str) -> No
     assert np.array_equal(permuted[: cols0.size], stored[[rank[c] for c in lane_order]])
 
 
-@pytest.mark.parametrize("value_type", ["bf16", "int8", "int4"])
-def test_row_run_layout_is_a_permutation_of_the_stored_bytes(value_type: str) -> None:
-    # The ``runs`` layout: the lane-word mask, and a row's values run lane by lane across all
-    # of its tiles (1100 columns: two tiles).
+@pytest.mark.parametrize("value_type", ["fp32", "bf16", "int8", "int4"])
+def test_row_run_layout_pads_lane_runs_of_the_stored_values(value_type: str) -> None:
+    # The ``runs`` layout: the lane-word mask; each row's values run lane by lane across all of
+    # its tiles, each lane's run padded with zeros to whole 32-bit words (1100 columns: two tiles).
     from sparsec.codegen.cuda import bitmask_lanes
+    from sparsec.codegen.cuda.values import VALUES_PER_U32
 
     w = sparse_weight(6, 1100, 0.3, seed=22)
     packed = pack(w, "bitmask", value_type, **({"group_size": 32} if value_type == "int4" else {}))
     a = packed.arrays()
     runs = bitmask_lanes.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets,
                                         a.scales, row_runs=True)
+    lanes = bitmask_lanes.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets,
+                                         a.scales)
+    assert np.array_equal(runs.mask, lanes.mask)
     dense = np.unpackbits(a.bitmask, axis=1, count=a.cols, bitorder="little").astype(bool)
-    tiles = runs.mask.shape[1] // 32
-    bit_j = (runs.mask.reshape(6, tiles, 32, 1) >> np.arange(32, dtype=np.uint32)) & 1  # [r, t, lane, j]
-    back = bit_j.transpose(0, 1, 3, 2).reshape(6, tiles * 1024)
-    assert np.array_equal(back[:, : a.cols].astype(bool), dense) and not back[:, a.cols :].any()
     nnz = int(dense.sum())
+    per_word = VALUES_PER_U32[value_type]
     stored = bitmask_lanes._value_elements(a.values, value_type, nnz)
-    permuted = bitmask_lanes._value_elements(runs.words.view(np.uint8), value_type, nnz)
-    assert np.array_equal(runs.row_offsets, a.row_offsets.astype(np.int32))
-    # Row 1's values: ordered by (column % 32, tile, (column % 1024) // 32), i.e. by (lane, column).
-    start, cols1 = int(a.row_offsets[1]), np.flatnonzero(dense[1])
-    run_order = cols1[np.lexsort((cols1, cols1 % 32))]
-    rank = {c: i for i, c in enumerate(cols1)}
-    assert np.array_equal(permuted[start : start + cols1.size], stored[[start + rank[c] for c in run_order]])
+    permuted = bitmask_lanes._value_elements(runs.words.view(np.uint8), value_type, runs.words.size * per_word)
+    at = 0
+    for r in range(6):
+        assert runs.row_offsets[r] == at and at % per_word == 0
+        cols_r = np.flatnonzero(dense[r])
+        rank = {c: i for i, c in enumerate(cols_r)}
+        for lane in range(32):
+            mine = cols_r[cols_r % 32 == lane]  # column order is (tile, j) order for one lane
+            expect = stored[[int(a.row_offsets[r]) + rank[c] for c in mine]]
+            padded = -(-mine.size // per_word) * per_word
+            assert np.array_equal(permuted[at : at + mine.size], expect)
+            assert not permuted[at + mine.size : at + padded].any()
+            at += padded
+    assert at <= permuted.size < at + per_word + 1
 
 
 def test_unknown_bitmask_design_is_refused() -> None:
