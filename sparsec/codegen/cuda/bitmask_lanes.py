@@ -287,6 +287,8 @@ def make_kernel(
                 acc[b] = np.float32(0.0)
             start = np.int32(row_offsets[row]) if live else np.int32(0)
             upcoming = mask[row, lane] if live else zero_u
+            # int4: the row's group scales as a 1-D view (one index a value, not a 2-D one)
+            row_scales = scales[row] if vt == 4 and live else scales[0]
             for t in range(ntiles):
                 word = upcoming
                 # The next tile's word is loaded a tile ahead: its latency overlaps this tile.
@@ -312,7 +314,7 @@ def make_kernel(
                     v = dequant_low(cur)
                     cur = np.uint32(cur >> field_shift)
                     if vt == 4:
-                        v *= scales[row, col // gsize]
+                        v *= row_scales[col // gsize]
                     for b in range(batch):
                         acc[b] += v * read_x(xs, x, b, last, col)
                     kk = np.uint32(kk + one)
@@ -370,7 +372,7 @@ def make_runs_kernel(
     dequant_low = make_dequant_low(value_type)
 
     @cuda.jit(device=True, inline=True)
-    def take(acc, rest, upcoming, tile, col_base, cur, mask, row, lane, xs, x, last, scales):
+    def take(acc, rest, upcoming, tile, col_base, cur, mask, row, lane, xs, x, last, row_scales):
         """Multiply the low value of ``cur`` by ``x`` at the lane's next set bit, moving to the
         next non-empty mask word first when this one is spent (one is left: the caller knows).
         Returns the walk's state: ``(rest, upcoming, tile, col_base, cur)``."""
@@ -384,7 +386,7 @@ def make_runs_kernel(
         col = np.uint32(col_base + (pos << 5))
         v = dequant_low(cur)
         if vt == 4:
-            v *= scales[row, col // gsize]
+            v *= row_scales[col // gsize]
         for b in range(batch):
             acc[b] += v * read_x(xs, x, b, last, col)
         return rest, upcoming, tile, col_base, np.uint32(cur >> field_shift)
@@ -428,12 +430,15 @@ def make_runs_kernel(
                 upcoming = mask[row, min(one, last_tile) * WARP + lane]
             tile = zero_u
             col_base = np.int32(lane)  # column of the current mask word's bit 0
+            # int4: the row's group scales as a 1-D view, so a value's scale costs one index
+            # (a 2-D index recomputed the 64-bit row offset on every value)
+            row_scales = scales[row] if vt == 4 and live else scales[0]
             # Every word but the run's last holds ``per_u32`` values: no test of which exist.
             while np.uint32(w + one) < wend:
                 cur = words[w]
                 for _ in range(per_u32):
                     rest, upcoming, tile, col_base, cur = take(acc, rest, upcoming, tile, col_base, cur,
-                                                               mask, row, lane, xs, x, last, scales)
+                                                               mask, row, lane, xs, x, last, row_scales)
                 w = np.uint32(w + one)
             if w < wend:  # the last word: ``left`` values, the rest is padding
                 left = count - np.int32((nwords - one) << vshift)
@@ -441,7 +446,7 @@ def make_runs_kernel(
                 for e in range(per_u32):
                     if e < left:
                         rest, upcoming, tile, col_base, cur = take(acc, rest, upcoming, tile, col_base, cur,
-                                                                   mask, row, lane, xs, x, last, scales)
+                                                                   mask, row, lane, xs, x, last, row_scales)
             finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])
             g += cuda.gridDim.x
 
