@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             release_memory()
     total = time.perf_counter() - t_all
     # the table shows every row of these settings, also those earlier invocations added
-    shown_losses = [name for name in LOSSES if any(r.get("loss") == name for r in results.rows.values())]
+    shown_losses = [name for name in LOSSES
+                    if any(r.get("kind") == "finetuned" and r.get("loss") == name for r in results.rows.values())]
     shown_sparsities = sorted({r["sparsity"] for r in results.rows.values() if r.get("sparsity")})
     table = render(results.rows, shown_sparsities, shown_losses, args, hw, total, len(student_train))
     (out / "table.md").write_text(table)
