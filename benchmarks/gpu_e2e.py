@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--value-types", default="fp16,int8")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per prompt")
+    p.add_argument("--design", default="auto", help="bitmask kernel design for lower-cuda (default: %(default)s)")
     p.add_argument("--json", help="write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for vt in args.value_types.split(","):
         # int8 values come from quantize (lowering follows its record); float types are asked of lower-cuda
-        lower = ",quantize{bits=8},lower-cuda" if vt == "int8" else f",lower-cuda{{value_type={vt}}}"
+        design = "" if args.design == "auto" else f"design={args.design}"
+        if vt == "int8":
+            lower = ",quantize{bits=8},lower-cuda" + (f"{{{design}}}" if design else "")
+        else:
+            lower = f",lower-cuda{{value_type={vt}{',' + design if design else ''}}}"
         pipeline = f"prune-magnitude{{sparsity={args.sparsity}}}{lower}"
         t0 = time.perf_counter()
         compiled = sparsec.compile(model, {"input_ids": ids0}, pipeline, target="cuda")

@@ -92,7 +92,8 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
   e2e)
     gguf=${2:?give the SmolLM2-135M GGUF file}
     export SPARSEC_CACHE=${SPARSEC_CACHE:-/tmp/sparsec-cache}
-    step e2e "${E2E_LIMIT:-150}" $PY benchmarks/gpu_e2e.py --gguf "$gguf" --json "$OUT/gpu_e2e.json"
+    step e2e "${E2E_LIMIT:-150}" $PY benchmarks/gpu_e2e.py --gguf "$gguf" --design "${E2E_DESIGN:-auto}" \
+      --json "$OUT/gpu_e2e.json"
     step artifact "${ARTIFACT_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_artifact.py
     if [ -n "${RECOVERY_ARGS:-}" ]; then
       # shellcheck disable=SC2086

@@ -120,6 +120,36 @@ def test_compile_for_cuda_matches_eager_on_the_same_weights(pipeline, formats):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model is untouched
 
 
+@pytest.mark.parametrize("design", ["runs", "tiles"])
+def test_lower_cuda_design_picks_the_bitmask_kernel(design):
+    model, x = _small_mlp()
+    pipeline = f"prune-magnitude{{sparsity=0.5}},lower-cuda{{value_type=fp16,design={design}}}"
+    compiled = sparsec.compile(model, x, pipeline, target="cuda")
+    assert f"design={design}" in compiled.pipeline  # the option prints back, so the run can be repeated
+    layers = compiled.kernels()
+    assert layers and all(k.design == design for k in layers)
+    kernel_name = {"runs": "bitmask-runs", "tiles": "bitmask"}[design]  # the warp-tile kernel keeps its old key
+    assert all(k.kernel._spec.cache_key[0] == kernel_name for k in layers)
+    default = sparsec.compile(model, x, "prune-magnitude{sparsity=0.5},lower-cuda{value_type=fp16}", target="cuda")
+    with torch.no_grad():
+        assert _rel(compiled(x), default(x)) < 1e-5  # another kernel, the same product
+
+
+def test_lower_cuda_names_the_designs_the_code_generator_builds():
+    from sparsec.codegen.cuda import BITMASK_DESIGNS
+    from sparsec.passes.lower import CUDA_BITMASK_DESIGNS
+
+    assert CUDA_BITMASK_DESIGNS == BITMASK_DESIGNS
+
+
+def test_an_unknown_lower_cuda_design_is_refused_in_one_line():
+    model, x = _small_mlp()
+    with pytest.raises(Exception) as info:
+        sparsec.compile(model, x, "lower-cuda{design=fast}", target="cuda")
+    message = str(info.value)
+    assert "\n" not in message and "unknown design 'fast'" in message and "lanes, runs, tiles" in message
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the model saves (tests/test_cuda_artifact.py)")
 def test_a_model_compiled_under_the_simulator_is_not_saved(tmp_path):
     model, x = _small_mlp()

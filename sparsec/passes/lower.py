@@ -8,7 +8,8 @@ replaces every lowered node with a call of its kernel (passes never import the r
 
 Format and value type come from ``select-format`` (``meta.FORMAT``) and ``quantize``
 (``meta.QUANT``) when those ran; otherwise a masked layer is stored as a bitmask and an unmasked
-one stays dense, with the values in ``value_type`` (default fp32).
+one stays dense, with the values in ``value_type`` (default fp32). ``lower-cuda`` may also
+name the bitmask kernel design (``design=runs``); the runtime builds that kernel.
 """
 
 from __future__ import annotations
@@ -60,10 +61,15 @@ class _Lower(Pass):
             options.update(self._pack_options(node, fmt, vt, group))
             packed = pack(weight.float().contiguous(), fmt, value_type=vt, **options)
             node.meta[meta.LOWERING] = {"target": self.target, "format": fmt, "value_type": vt,
-                                        "group_size": group if vt == "int4" else None}
+                                        "group_size": group if vt == "int4" else None,
+                                        **self._kernel_options(fmt)}
             node.meta[meta.PACKED] = packed
             lowered += 1
         return PassResult(gm, modified=lowered > 0)
+
+    def _kernel_options(self, fmt: str) -> dict:
+        """Options for the kernel builder that the packed weight does not carry."""
+        return {}
 
     @staticmethod
     def _pack_options(node: fx.Node, fmt: str, vt: str, group: int) -> dict:
@@ -117,15 +123,34 @@ class LowerCpu(_Lower):
     group: int = 128
 
 
+#: The CUDA bitmask kernel designs ``lower-cuda{design=...}`` accepts; the same names as
+#: ``sparsec.codegen.cuda.BITMASK_DESIGNS`` (a test keeps them equal: passes do not import codegen).
+CUDA_BITMASK_DESIGNS: tuple[str, ...] = ("lanes", "runs", "tiles")
+
+
 @register_pass
 @dataclass
 class LowerCuda(_Lower):
-    """Pack each linear layer's weight for its CUDA kernel (numba-cuda) and mark it for the runtime."""
+    """Pack each linear layer's weight for its CUDA kernel (numba-cuda) and mark it for the runtime.
+
+    ``design``: the bitmask kernel (``auto``: the code generator's default; see
+    ``sparsec.codegen.cuda.build_linear_kernel``); other formats ignore it.
+    """
 
     name: ClassVar[str] = "lower-cuda"
     target: ClassVar[str] = "cuda"
     format: str = "auto"
     value_type: str = "auto"
     group: int = 128
+    design: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.design != "auto" and self.design not in CUDA_BITMASK_DESIGNS:
+            raise PassOptionError(f"{self.name}: unknown design {self.design!r}; "
+                                  f"use auto or one of {', '.join(CUDA_BITMASK_DESIGNS)}")
+
+    def _kernel_options(self, fmt: str) -> dict:
+        return {"design": self.design} if self.design != "auto" and fmt == "bitmask" else {}
 
 

@@ -156,7 +156,8 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
             layers.append({"module": name, "layer": module.layer, "format": packed.format_name,
                            "value_type": packed.value_type, "shape": list(packed.shape),
                            "options": _jsonable(packed.options()), "nbytes": packed.nbytes(),
-                           "activation": module.activation, "bias": module.bias is not None})
+                           "activation": module.activation, "bias": module.bias is not None,
+                           **({"design": module.design} if getattr(module, "design", None) else {})})
             if module.bias is not None:
                 tensors[f"graph.{name}.bias"] = module.bias
     graph_desc, graph_tensors = encode_graph(gm, set(kernel_modules))

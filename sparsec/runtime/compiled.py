@@ -34,13 +34,14 @@ class KernelLinear(nn.Module):
     """
 
     def __init__(self, layer: str, packed: PackedWeight, kernel: Any, bias: torch.Tensor | None,
-                 activation: str | None, target: str) -> None:
+                 activation: str | None, target: str, design: str | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.packed = packed
         self.kernel = kernel
         self.activation = activation
         self.target = target
+        self.design = design  # the CUDA bitmask kernel design asked for (None: the default)
         self.out_features, self.in_features = packed.shape
         if bias is not None:
             self.register_buffer("bias", bias.detach().clone())
@@ -135,12 +136,13 @@ def build_compiled(gm: fx.GraphModule, target: str, verify_inputs: tuple[tuple, 
         activation = fusion.get("activation")
         bias = gm.get_parameter(layer.bias).detach() if layer.bias else None
         replaced.update(t for t in (layer.weight, layer.bias, node.meta.get(meta.MASK)) if t)
+        design = node.meta[meta.LOWERING].get("design")
         t0 = time.perf_counter()
-        kernel = build(packed, bias=bias, activation=activation)
+        kernel = build(packed, bias=bias, activation=activation, **({"design": design} if design else {}))
         seconds = time.perf_counter() - t0
         result.kernel_seconds += seconds
         module_name = f"sparsec_kernel_{index}"
-        gm.add_submodule(module_name, KernelLinear(layer.name, packed, kernel, bias, activation, target))
+        gm.add_submodule(module_name, KernelLinear(layer.name, packed, kernel, bias, activation, target, design))
         x = node.args[1] if layer.kind == "addmm_t" else node.args[0]
         with graph.inserting_before(node):
             call = graph.call_module(module_name, (x,))

@@ -475,6 +475,12 @@ def _one_torch_thread():
         torch.set_num_threads(before)
 
 
+def _cuda_designs() -> tuple[str, ...]:
+    from sparsec.codegen.cuda import BITMASK_DESIGNS
+
+    return BITMASK_DESIGNS
+
+
 def _load(root: Path) -> Any:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -518,8 +524,12 @@ def _load(root: Path) -> Any:
         except FormatError as e:
             raise ArtifactError(f"layer {layer['layer']}: {e}; the artifact is damaged: recompile it") from None
         bias = _tensor(tensors, f"{name}.bias") if layer.get("bias") else None
-        kernel = build(packed, bias=bias, activation=layer.get("activation"))
-        kernels[name] = KernelLinear(layer["layer"], packed, kernel, bias, layer.get("activation"), target)
+        design = layer.get("design")
+        if design is not None and (target != "cuda" or design not in _cuda_designs()):
+            raise ArtifactError(f"layer {layer['layer']}: kernel design {design!r} is not one sparsec builds for "
+                                f"target {target!r}; the manifest was edited: recompile the model")
+        kernel = build(packed, bias=bias, activation=layer.get("activation"), **({"design": design} if design else {}))
+        kernels[name] = KernelLinear(layer["layer"], packed, kernel, bias, layer.get("activation"), target, design)
     if target == "cuda":
         from sparsec.codegen.cuda.aot import missing_kernels
 
