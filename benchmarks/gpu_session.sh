@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager, the CUDA artifact
 #                                            # round trip; recovery on the GPU when RECOVERY_ARGS is set
 #   bash benchmarks/gpu_session.sh recovery GGUF  # the recovery experiment at ~3 epochs (docs/recovery.md);
-#                                            # needs the bundled text's JSON in .gpu2/text (TEXT_DIR)
+#                                            # needs the bundled text's JSON in .gpu2/text (TEXT_DIR) and,
+#                                            # like e2e, WHEELS=.gpu2/whl for the gguf package
 #
 # The SmolLM2 GGUF (98 MB) is larger than one device call may carry (64 MiB): carry half of it in
 # a first call that copies it to /tmp on the device (`cp .gpu1/part1 /tmp/`), and the other half in
