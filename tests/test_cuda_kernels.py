@@ -93,7 +93,7 @@ def check(y: torch.Tensor, packed, x: torch.Tensor, bias=None, activation=None) 
 
 @pytest.mark.parametrize("design", BITMASK_DESIGNS)
 @pytest.mark.parametrize("value_type", ["fp32", "bf16", "fp16", "int8", "int4"])
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("batch", [1, 5, 12])  # 12: bucket 16, x read by column (not staged)
 def test_bitmask_value_types(value_type: str, batch: int, design: str) -> None:
     # rows not a multiple of the rows a block, cols not a multiple of 8, 32 or 64.
     w = sparse_weight(9, 77, 0.4, seed=batch)

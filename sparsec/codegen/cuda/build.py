@@ -59,7 +59,8 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
     arrays = (prepared.mask, prepared.words, prepared.row_offsets, prepared.scales)
     group_size = int(a.group_size) if a.value_type == "int4" else 1
     warps = warps or module.WARPS_PER_BLOCK
-    key = (f"bitmask-{design}", a.value_type, a.cols, activation, has_bias, group_size, warps)
+    # "x-by-column": buckets that do not stage x take it as [cols, bucket] (see KernelSpec)
+    key = (f"bitmask-{design}", a.value_type, a.cols, activation, has_bias, group_size, warps, "x-by-column")
 
     def make(bucket: int):
         if design == "runs":
@@ -86,6 +87,7 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
         buckets=BATCH_BUCKETS,
         cache_key=key,
         grid_limit=grid_limit,
+        x_by_column=lambda bucket: not module.stages_x(a.cols, bucket),
     )
 
 

@@ -49,6 +49,10 @@ class KernelSpec:
     #: ``grid_limit(bucket)``: the most blocks worth launching (kernels whose blocks loop over
     #: row groups stop at what the GPU holds at once); ``None``: one block per row group.
     grid_limit: Callable[[int], int] | None = None
+    #: ``x_by_column(bucket)``: whether that bucket's kernel takes ``x`` transposed and padded,
+    #: ``[cols, bucket]`` with zero columns past ``m`` (the batch values of one column side by
+    #: side); ``None``: every bucket takes ``x`` as ``[m, cols]``.
+    x_by_column: Callable[[int], bool] | None = None
 
 
 # Compiled kernels are shared by every layer with the same specialization (same format, value
@@ -115,9 +119,18 @@ class CudaLinearKernel:
             _KERNEL_CACHE[key] = kern
         return kern
 
+    def bucket_for(self, m: int) -> int:
+        """The batch bucket that runs ``m`` (<= 16) rows."""
+        return next(b for b in self._spec.buckets if m <= b)
+
+    def takes_x_by_column(self, m: int) -> bool:
+        """Whether a launch for ``m`` rows takes ``x`` as ``[cols, bucket]`` (see :class:`KernelSpec`)."""
+        return self._spec.x_by_column is not None and self._spec.x_by_column(self.bucket_for(m))
+
     def launch(self, y, x, m: int, stream: Any = 0) -> None:
-        """Run on ``m`` (<= 16) rows: ``x`` ``[m, cols]``, ``y`` ``[m, rows]`` device arrays."""
-        bucket = next(b for b in self._spec.buckets if m <= b)
+        """Run on ``m`` (<= 16) rows: ``y`` ``[m, rows]`` and ``x`` device arrays, ``x`` as
+        ``[m, cols]`` or, where :meth:`takes_x_by_column`, ``[cols, bucket]`` zero-padded."""
+        bucket = self.bucket_for(m)
         grid = max(1, math.ceil(self.rows / self._spec.rows_per_block))
         if self._spec.grid_limit is not None:
             grid = max(1, min(grid, self._spec.grid_limit(bucket)))
@@ -163,7 +176,12 @@ class CudaLinearKernel:
         for s in range(0, x2.shape[0], self._spec.buckets[-1]):
             chunk = x2[s : s + self._spec.buckets[-1]]
             out = y2[s : s + chunk.shape[0]]
-            self.launch(out, chunk, chunk.shape[0])
+            m = chunk.shape[0]
+            if self.takes_x_by_column(m):
+                by_col = np.zeros((chunk.shape[1], self.bucket_for(m)), dtype=chunk.dtype)
+                by_col[:, :m] = chunk.T
+                chunk = by_col
+            self.launch(out, chunk, m)
         return y2.reshape(*lead, self.rows)
 
     def _call_torch(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,11 +214,14 @@ class CudaLinearKernel:
         step = self._spec.buckets[-1]
         for s in range(0, m_total, step):
             xs, ys = x2[s : s + step], y2[s : s + step]
+            m = xs.shape[0]
+            if self.takes_x_by_column(m):  # two small torch ops on the same stream
+                by_col = xs.new_zeros((xs.shape[1], self.bucket_for(m)))
+                by_col[:, :m] = xs.T
+                xs = by_col
             # sync=False: torch's stream order already covers these tensors, and the default
             # (synchronising the exporter's stream on every call) would stall the CPU.
-            self.launch(
-                cuda.as_cuda_array(ys, sync=False), cuda.as_cuda_array(xs, sync=False), xs.shape[0], stream
-            )
+            self.launch(cuda.as_cuda_array(ys, sync=False), cuda.as_cuda_array(xs, sync=False), m, stream)
         return y2.reshape(*lead, self.rows)
 
     def _stream_for(self, handle: int):
