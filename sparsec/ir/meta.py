@@ -44,8 +44,9 @@ FORMAT = "sparsec.format"
 #: fuse, found by ``fuse-epilogue`` (activation: relu | gelu (erf) | silu; the node names are fx node names).
 FUSION = "sparsec.fusion"
 
-#: ``{"target": "cpu" | "cuda", "format": str, "value_type": str}``: set by ``lower-cpu`` /
-#: ``lower-cuda``; the runtime replaces every node carrying it with a kernel call.
+#: ``{"target": "cpu" | "cuda", "format": str, "value_type": str, "group_size": int | None}``, plus
+#: ``"design": str`` where ``lower-cuda{design=...}`` named the bitmask kernel: set by ``lower-cpu``
+#: / ``lower-cuda``; the runtime replaces every node carrying it with a kernel call.
 LOWERING = "sparsec.lowering"
 
 #: ``int``: index of the repeated block (decoder layer) whose output this node is, for taps.

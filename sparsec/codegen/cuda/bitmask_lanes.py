@@ -188,7 +188,7 @@ def prepare_arrays(
     scales: np.ndarray | None,
     row_runs: bool = False,
 ) -> LaneArrays:
-    """Permute the stored bitmask tensors into the lane-word layout; no value is changed.
+    """Permute the stored bitmask tensors into the lane-word layout; no stored value is changed.
 
     ``values`` is the ``compressed`` tensor as numpy (only its bytes are used), ``bitmask``
     uint8 ``[rows, ceil(cols/8)]``, ``row_offsets`` int64 ``[rows]`` (in values).
