@@ -90,7 +90,9 @@ class TargetModel:
     N:M to 2-10% (worst 23%); cuBLAS fp16 read weights at 2.4-3.8 TB/s at batch 1, so bandwidth
     is 3.3 TB/s. Those kernels are bound by work per kept value, so the fitted model keeps most
     layers dense on CUDA until they get faster. fp32 and bf16 values are assumed to cost what
-    fp16 did (not measured).
+    fp16 did (not measured). The default ``lanes`` kernel came later; at 75% and batch 1 or 16
+    it is still slower than cuBLAS on every measured shape (``benchmarks/results/gpu-session3``),
+    which these constants predict too (a test checks it): refit them when a design beats cuBLAS.
     """
 
     bandwidth: float  # bytes / s
