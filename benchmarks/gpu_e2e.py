@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for vt in args.value_types.split(","):
         # int8 values come from quantize (lowering follows its record); float types are asked of lower-cuda
-        design = "" if args.design == "auto" else f"design={args.design}"
-        if vt == "int8":
-            lower = ",quantize{bits=8},lower-cuda" + (f"{{{design}}}" if design else "")
-        else:
-            lower = f",lower-cuda{{value_type={vt}{',' + design if design else ''}}}"
-        pipeline = f"prune-magnitude{{sparsity={args.sparsity}}}{lower}"
+        options = [] if vt == "int8" else [f"value_type={vt}"]
+        if args.design != "auto":
+            options.append(f"design={args.design}")
+        lower = "lower-cuda" + ("{" + ",".join(options) + "}" if options else "")
+        quantize = "quantize{bits=8}," if vt == "int8" else ""
+        pipeline = f"prune-magnitude{{sparsity={args.sparsity}}},{quantize}{lower}"
         t0 = time.perf_counter()
         compiled = sparsec.compile(model, {"input_ids": ids0}, pipeline, target="cuda")
         compile_s = time.perf_counter() - t0

@@ -67,10 +67,13 @@ def to_device(tree, device: str | torch.device):
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
 
 
-def graph_device(gm: torch.nn.Module) -> torch.device:
-    """The device of ``gm``'s first parameter or buffer (CPU for a module without state)."""
+_CPU = torch.device("cpu")
+
+
+def graph_device(gm: torch.nn.Module, default: torch.device | None = _CPU) -> torch.device | None:
+    """The device of ``gm``'s first parameter or buffer (``default`` for a module without state)."""
     for t in gm.parameters():
         return t.device
     for t in gm.buffers():
         return t.device
-    return torch.device("cpu")
+    return default

@@ -268,11 +268,10 @@ class CompiledModule(nn.Module):
     def device(self) -> torch.device:
         """Where the model runs; tensor inputs are moved here, outputs stay here. A graph with
         no tensor of its own (every layer a kernel without bias) runs where its target does."""
-        if any(True for _ in self.graph_module.parameters()) or any(True for _ in self.graph_module.buffers()):
-            from sparsec.ir.device import graph_device
+        from sparsec.ir.device import graph_device
 
-            return graph_device(self.graph_module)
-        return target_device(self.target)
+        device = graph_device(self.graph_module, default=None)
+        return device if device is not None else target_device(self.target)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from sparsec.capture import bind_inputs

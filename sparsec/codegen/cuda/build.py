@@ -51,28 +51,26 @@ def _resident_blocks(threads: int, shared: int) -> int:
 def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: bool,
                         warps: int | None, design: str = "lanes") -> KernelSpec:
     """The ``lanes`` and ``runs`` designs: the lane-word layout (``runs``: values in one run per
-    lane and row, words bit-reversed) and the same launch."""
+    lane and row, padded to whole words) and the same launch."""
     a = packed.arrays()  # type: ignore[attr-defined]
-    module = lane_kernels
-    prepared = module.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales,
-                                     row_runs=design == "runs")
+    prepared = lane_kernels.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets,
+                                           a.scales, row_runs=design == "runs")
     arrays = (prepared.mask, prepared.words, prepared.row_offsets, prepared.scales)
     group_size = int(a.group_size) if a.value_type == "int4" else 1
-    warps = warps or module.WARPS_PER_BLOCK
+    warps = warps or lane_kernels.WARPS_PER_BLOCK
     # "x-by-column": buckets that do not stage x take it as [cols, bucket] (see KernelSpec)
     key = (f"bitmask-{design}", a.value_type, a.cols, activation, has_bias, group_size, warps, "x-by-column")
+    make_kernel = lane_kernels.make_runs_kernel if design == "runs" else lane_kernels.make_kernel
 
     def make(bucket: int):
-        if design == "runs":
-            return module.make_runs_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
-        return module.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
+        return make_kernel(a.value_type, a.cols, bucket, activation, has_bias, group_size, warps)
 
     # asked at every launch: the device is queried once per bucket
     resident: dict[int, int] = {}
 
     def grid_limit(bucket: int) -> int:
         if bucket not in resident:
-            resident[bucket] = _resident_blocks(32 * warps, module.shared_bytes(a.cols, bucket, warps))
+            resident[bucket] = _resident_blocks(32 * warps, lane_kernels.shared_bytes(a.cols, bucket, warps))
         return resident[bucket]
 
     return KernelSpec(
@@ -87,7 +85,7 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
         buckets=BATCH_BUCKETS,
         cache_key=key,
         grid_limit=grid_limit,
-        x_by_column=lambda bucket: not module.stages_x(a.cols, bucket),
+        x_by_column=lambda bucket: not lane_kernels.stages_x(a.cols, bucket),
     )
 
 
