@@ -77,7 +77,7 @@ def make_stage_x(cols: int, batch: int, threads: int):
     """
     cols_p = padded_cols(cols)
     # Why constant trip counts and 32-bit indices: a ``while i < len`` loop over a flat index
-    # compiled (sm_90 SASS) to about 35 instructions an element, 64-bit signed division
+    # compiled (sm_90 SASS) to about 55 instructions an element, 64-bit signed division
     # included, with each load waiting for the previous store; per block that was about as many
     # instructions as the block's rows themselves at batch 1. Unrolled, a thread issues all its
     # loads before the first store.
