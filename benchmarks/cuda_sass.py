@@ -22,6 +22,11 @@ given sparsity (lanes reconverge after every tile in ``lanes``, once a row in ``
 ``slots/row`` the estimate ``/value * trips`` (per-tile and per-row setup, and the run's last
 word in ``runs``, not counted). A trip is counted on its common path: the move to the next
 non-empty mask word (a nested loop, about once a word) is left out.
+
+``--balance`` prints, instead (no compiler needed), how far the fullest lane of a row sits
+above the mean lane: tile by tile (``lanes``), over the row (``runs``), and over the row with
+a per-tile rotation of the lanes' column classes chosen to level them
+(:func:`rotated_fullest_lane_trips`, an estimate for a design not built).
 """
 
 from __future__ import annotations
@@ -43,13 +48,28 @@ VALUE_TYPES = ("fp16", "int8", "int4")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cols", default="4096,11008", help="comma-separated column counts (default: %(default)s)")
-    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--sparsity", default="0.75",
+                   help="fraction of weights pruned (default: %(default)s; with --balance, comma-separated)")
     p.add_argument("--value-types", default=",".join(VALUE_TYPES))
     p.add_argument("--batch", type=int, default=1, help="batch bucket the kernels are built for")
     p.add_argument("--ptxas", default=shutil.which("ptxas"), help="path of ptxas (default: from PATH)")
     p.add_argument("--nvdisasm", default=shutil.which("nvdisasm"), help="path of nvdisasm (default: from PATH)")
     p.add_argument("--rows", type=int, default=2000, help="random rows for the imbalance estimate")
+    p.add_argument("--balance", action="store_true",
+                   help="print the lane-imbalance table for --cols and --sparsity (comma-separated here) only")
     return p.parse_args(argv)
+
+
+def print_balance(cols_list: list[int], sparsities: list[float], rows: int) -> None:
+    """Fullest lane over mean lane, per row, for each design's reconvergence (see module doc)."""
+    print(f"# fullest lane / mean lane over {rows} random rows")
+    print(f"{'sparsity':>8} {'cols':>6} {'mean':>6} {'lanes':>6} {'runs':>6} {'rotated':>7}")
+    for sparsity in sparsities:
+        for cols in cols_list:
+            mean = float(lane_counts(cols, sparsity, rows).sum(axis=1).mean())
+            ratios = [fullest_lane_trips(d, cols, sparsity, rows) / mean for d in DESIGNS]
+            rotated = rotated_fullest_lane_trips(cols, sparsity, rows) / mean
+            print(f"{sparsity:>8.0%} {cols:>6} {mean:>6.1f} {ratios[0]:>6.2f} {ratios[1]:>6.2f} {rotated:>7.2f}")
 
 
 def _parse(sass: str) -> tuple[list[str], dict[str, int]]:
@@ -104,17 +124,39 @@ def walk_loop(sass: str) -> dict[str, int] | None:
     return best
 
 
-def fullest_lane_trips(design: str, cols: int, sparsity: float, rows: int) -> float:
-    """Mean over random rows of the values the slowest lane takes per row (the lanes of a warp
-    wait for each other at every reconvergence point)."""
+def lane_counts(cols: int, sparsity: float, rows: int) -> np.ndarray:
+    """Kept values per (row, tile, lane) of ``rows`` random rows, lane ``l`` of a tile holding
+    columns ``32 j + l`` (the lane-word layout)."""
     tiles = -(-cols // 1024)
     rng = np.random.default_rng(0)
     kept = rng.random((rows, tiles, 32, 32)) >= sparsity  # row, tile, lane, bit j (column 32 j + lane)
     valid = (np.arange(tiles * 1024).reshape(tiles, 32, 32).transpose(0, 2, 1) < cols)
-    counts = (kept & valid).sum(-1)  # row, tile, lane
+    return (kept & valid).sum(-1)
+
+
+def fullest_lane_trips(design: str, cols: int, sparsity: float, rows: int) -> float:
+    """Mean over random rows of the values the slowest lane takes per row (the lanes of a warp
+    wait for each other at every reconvergence point)."""
+    counts = lane_counts(cols, sparsity, rows)
     if design == "lanes":  # the warp reconverges after every tile
         return float(counts.max(axis=2).sum(axis=1).mean())
     return float(counts.sum(axis=1).max(axis=1).mean())  # one walk a row
+
+
+def rotated_fullest_lane_trips(cols: int, sparsity: float, rows: int) -> float:
+    """:func:`fullest_lane_trips` of a one-walk-a-row design whose lanes take a different
+    column class in each tile: lane ``l`` of tile ``t`` holds columns ``32 j + (l + r_t) % 32``,
+    with ``r_t`` chosen per row, tile by tile, to keep the lanes' running counts level (greedy:
+    the smallest maximum, then the smallest sum of squares). Not a kernel here: an estimate of
+    what balancing a row's lanes would save (one byte a tile and row would store ``r_t``)."""
+    counts = lane_counts(cols, sparsity, rows)
+    shift = (np.arange(32)[None, :] + np.arange(32)[:, None]) % 32  # [r, lane] -> column class
+    total = np.zeros((rows, 32), dtype=np.int64)
+    for t in range(counts.shape[1]):
+        options = total[:, None, :] + counts[:, t][:, shift]  # [row, r, lane]
+        score = options.max(axis=2) * (1 << 30) + (options**2).sum(axis=2)
+        total = options[np.arange(rows), score.argmin(axis=1)]
+    return float(total.max(axis=1).mean())
 
 
 def compile_ptx(design: str, value_type: str, cols: int, batch: int) -> str:
@@ -134,6 +176,10 @@ def compile_ptx(design: str, value_type: str, cols: int, batch: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.balance:
+        print_balance([int(c) for c in args.cols.split(",")], [float(v) for v in str(args.sparsity).split(",")],
+                      args.rows)
+        return 0
     if not args.ptxas or not args.nvdisasm:
         print("cuda_sass.py needs ptxas and nvdisasm: put them on the PATH or pass --ptxas/--nvdisasm",
               file=sys.stderr)
@@ -150,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dispatcher.get_current_device = lambda: _Hopper()
 
+    args.sparsity = float(args.sparsity)
     print(f"# sm_90 SASS of the bitmask bit walk, batch {args.batch}, sparsity {args.sparsity:.0%}")
     print(f"{'cols':>6} {'design':>6} {'values':>6} {'loop':>5} {'/trip':>5} {'/value':>6} {'LDG':>4} {'LDS':>4} "
           f"{'regs':>5} {'trips':>7} {'slots/row':>9}")

@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh kernels   # environment, CUDA kernel and artifact tests on the GPU,
 #                                            # kernel benchmark (lanes and runs designs at 75%),
 #                                            # Nsight Compute on one launch where counters exist
+#                                            # (sections, then the counters that say what bounds the walk)
 #   bash benchmarks/gpu_session.sh profile   # Nsight Compute on the bitmask kernels (needs hardware
 #                                            # counters: Firecracker machines have them, gVisor ones not)
 #   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager, the CUDA artifact
@@ -71,11 +72,28 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
     # Hardware counters where the machine exposes them (Firecracker yes, gVisor no): one launch
     # of each design named in PROFILE_DESIGNS, fp16, 11008x4096 at 75%. --kernel-name keeps
     # torch's own kernels out of the count (unfiltered, the skipped launches were torch's).
+    # The metrics decide what bounds the walk (docs/performance.md, "What the next GPU run must
+    # decide"): issue slots (issue_active near 100%), waits on loads (long_scoreboard stalls
+    # per issued instruction), or the L1 (wavefronts per global load request: 1 for a coalesced
+    # warp load, up to 32 when each lane reads its own line).
+    metrics=smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum
+    metrics=$metrics,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio
+    metrics=$metrics,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio
+    metrics=$metrics,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio
+    metrics=$metrics,smsp__average_warps_issue_stalled_branch_resolving_per_issue_active.ratio
+    metrics=$metrics,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio
+    metrics=$metrics,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum
+    metrics=$metrics,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum
+    metrics=$metrics,l1tex__m_xbar2l1tex_read_bytes.sum,dram__bytes_read.sum,gpu__time_duration.sum
+    # The named metrics run as a step of their own: a name this ncu does not know fails only it.
     for design in ${PROFILE_DESIGNS:-lanes runs}; do
       step "ncu_$design" "${PROFILE_LIMIT:-60}" ncu --clock-control none --kernel-name regex:bitmask \
         --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         --section MemoryWorkloadAnalysis $PY benchmarks/gpu_profile.py --design "$design" --value-type fp16
+      step "ncu_metrics_$design" "${METRICS_LIMIT:-45}" ncu --clock-control none --kernel-name regex:bitmask \
+        --launch-skip 2 --launch-count 1 --metrics "$metrics" \
+        $PY benchmarks/gpu_profile.py --design "$design" --value-type fp16
     done
     ;;
   profile)
