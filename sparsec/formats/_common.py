@@ -1,18 +1,22 @@
-"""Pieces every format shares: reading stored tensors with errors that name them, bit packing.
+"""Pieces every format shares: the state and tensors common to all of them, reading stored tensors
+with errors that name them, the quantize step of ``pack``, bit packing.
 
 Private to :mod:`sparsec.formats`; kernels and passes use the format classes instead.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from sparsec.formats.base import FormatError
+from sparsec.formats.base import FormatError, PackedWeight
 from sparsec.formats.values import (
     DEFAULT_GROUP_SIZE,
     QUANT_TYPES,
     all_finite,
     check_group_size,
+    quantize,
     scales_shape,
     stored_length,
     value_type_of,
@@ -70,12 +74,29 @@ def require_shape(t: torch.Tensor, name: str, shape: tuple[int, ...], why: str =
         raise FormatError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}{reason}")
 
 
+def require_tensor(
+    tensors: dict[str, torch.Tensor],
+    name: str,
+    dtypes: torch.dtype | tuple[torch.dtype, ...],
+    shape: tuple[int, ...],
+    why: str = "",
+) -> torch.Tensor:
+    """``tensors[name]``, checked to be present, of one of ``dtypes`` and of exactly ``shape``.
+
+    The checks, in that order, are :func:`require`, :func:`require_dtype` and
+    :func:`require_shape` (``why`` goes into the shape error); the first that fails raises its
+    :class:`FormatError`. The tensor comes back as stored (not made contiguous).
+    """
+    t = require(tensors, name)
+    require_dtype(t, name, dtypes)
+    require_shape(t, name, shape, why)
+    return t
+
+
 def read_shape(tensors: dict[str, torch.Tensor], prefix: str) -> tuple[int, int]:
     """The dense ``(rows, cols)`` stored in ``<prefix>.shape`` (int64 ``[2]``, non-negative)."""
     name = f"{prefix}.shape"
-    t = require(tensors, name)
-    require_dtype(t, name, (torch.int64, torch.int32))
-    require_shape(t, name, (2,))
+    t = require_tensor(tensors, name, (torch.int64, torch.int32), (2,))
     rows, cols = (int(v) for v in t.tolist())
     if rows < 0 or cols < 0:
         raise FormatError(f"tensor {name!r} holds a negative dimension {(rows, cols)}")
@@ -135,10 +156,6 @@ def read_scales(
     return t.contiguous()
 
 
-def scales_option(value_type: str, group_size: int) -> dict[str, object]:
-    return {"group_size": group_size} if value_type == "int4" else {}
-
-
 def check_options(options: dict[str, object], allowed: tuple[str, ...], fmt: str) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -166,6 +183,62 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
     if not all_finite(w):
         raise FormatError("weight holds NaN or Inf values; fix the model before packing")
     return w
+
+
+def quantize_for_pack(
+    weight: torch.Tensor, value_type: str, options: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """The quantize step of ``pack``, once its options are checked: ``(w, levels, scales, group_size)``.
+
+    ``group_size`` is :func:`group_size_of` ``options``; ``w`` is ``weight`` through
+    :func:`prepare_weight` (detached, on the CPU, never modified); ``levels, scales`` are
+    :func:`~sparsec.formats.values.quantize` of ``w`` to ``value_type`` at that group size, with
+    ``options["scales"]`` imposed when given. The checks run, and raise, in that order.
+    """
+    group_size = group_size_of(options)
+    w = prepare_weight(weight)
+    levels, scales = quantize(w, value_type, group_size, options.get("scales"))
+    return w, levels, scales, group_size
+
+
+class QuantizableWeight(PackedWeight):
+    """A :class:`PackedWeight` whose values may be of any value type, int8/int4 included.
+
+    Holds what every format keeps besides its own tensors: ``shape``, ``value_type``, ``scales``
+    (float32 for int8/int4, ``None`` for float values) and ``group_size`` (the int4 scale group;
+    kept, unused, for the other types). Gives the ``options`` and the shape and scales tensors
+    that follow from them; a format adds its own tensors and options around them.
+    """
+
+    scales: torch.Tensor | None
+    group_size: int
+
+    def __init__(self, shape: tuple[int, int], value_type: str, scales: torch.Tensor | None, group_size: int) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.value_type = value_type
+        self.scales = scales
+        self.group_size = group_size
+
+    def options(self) -> dict[str, object]:
+        """``{"group_size": ...}`` for int4 values, whose scales depend on it; ``{}`` otherwise.
+
+        A format with options of its own returns them first, then these.
+        """
+        return {"group_size": self.group_size} if self.value_type == "int4" else {}
+
+    def _stored_tensors(self, prefix: str, **fields: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What ``tensors(prefix)`` returns, in this order: ``{prefix}.shape`` (int64
+        ``[rows, cols]``), each of ``fields`` as ``{prefix}.{field}`` in the order given, then
+        ``{prefix}.scales`` when the weight has scales.
+
+        These names and this order are the safetensors layout of artifacts and of
+        compressed-tensors folders.
+        """
+        out = {f"{prefix}.shape": shape_tensor(*self.shape)}
+        out.update((f"{prefix}.{field}", t) for field, t in fields.items())
+        if self.scales is not None:
+            out[f"{prefix}.scales"] = self.scales
+        return out
 
 
 def pack_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:

@@ -33,22 +33,19 @@ import numpy as np
 import torch
 
 from sparsec.formats._common import (
+    QuantizableWeight,
     check_options,
     group_size_of,
     pack_bits,
-    prepare_weight,
+    quantize_for_pack,
     read_scales,
     read_shape,
     read_values,
-    require,
-    require_dtype,
-    require_shape,
-    scales_option,
-    shape_tensor,
+    require_tensor,
     unpack_bits,
 )
-from sparsec.formats.base import FormatError, PackedWeight, register_format
-from sparsec.formats.values import DEFAULT_GROUP_SIZE, decode, dequantize, encode, quantize
+from sparsec.formats.base import FormatError, register_format
+from sparsec.formats.values import DEFAULT_GROUP_SIZE, decode, dequantize, encode
 
 FIELDS: tuple[str, ...] = ("shape", "compressed", "bitmask", "row_offsets")
 
@@ -74,7 +71,7 @@ class BitmaskArrays:
 
 
 @register_format("bitmask")
-class BitmaskWeight(PackedWeight):
+class BitmaskWeight(QuantizableWeight):
     """A weight in the ``bitmask`` format (see module doc). Options: ``group_size`` (int4)."""
 
     def __init__(
@@ -87,13 +84,10 @@ class BitmaskWeight(PackedWeight):
         scales: torch.Tensor | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.value_type = value_type
+        super().__init__(shape, value_type, scales, group_size)
         self.compressed = compressed
         self.bitmask = bitmask
         self.row_offsets = row_offsets
-        self.scales = scales
-        self.group_size = group_size
 
     @property
     def nnz(self) -> int:
@@ -105,10 +99,8 @@ class BitmaskWeight(PackedWeight):
     @classmethod
     def pack(cls, weight: torch.Tensor, value_type: str = "fp32", **options) -> BitmaskWeight:
         check_options(options, ("group_size", "scales"), "bitmask")
-        group_size = group_size_of(options)
-        w = prepare_weight(weight)
+        w, levels, scales, group_size = quantize_for_pack(weight, value_type, options)
         rows, cols = w.shape
-        levels, scales = quantize(w, value_type, group_size, options.get("scales"))
         mask = w != 0
         counts = mask.sum(dim=1)
         row_offsets = torch.cumsum(counts, 0) - counts
@@ -128,19 +120,10 @@ class BitmaskWeight(PackedWeight):
         dense[mask] = decode(self.compressed, self.value_type, nnz).to(torch.float32)
         return dequantize(dense, self.value_type, self.scales, self.group_size)
 
-    def options(self) -> dict[str, object]:
-        return scales_option(self.value_type, self.group_size)
-
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {
-            f"{prefix}.shape": shape_tensor(*self.shape),
-            f"{prefix}.compressed": self.compressed,
-            f"{prefix}.bitmask": self.bitmask,
-            f"{prefix}.row_offsets": self.row_offsets,
-        }
-        if self.scales is not None:
-            out[f"{prefix}.scales"] = self.scales
-        return out
+        return self._stored_tensors(
+            prefix, compressed=self.compressed, bitmask=self.bitmask, row_offsets=self.row_offsets
+        )
 
     @classmethod
     def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor], **options) -> BitmaskWeight:
@@ -148,9 +131,7 @@ class BitmaskWeight(PackedWeight):
         group_size = group_size_of(options)
         rows, cols = read_shape(tensors, prefix)
         name = f"{prefix}.bitmask"
-        bitmask = require(tensors, name)
-        require_dtype(bitmask, name, torch.uint8)
-        require_shape(bitmask, name, (rows, (cols + 7) // 8), "rows x ceil(cols/8) from .shape")
+        bitmask = require_tensor(tensors, name, torch.uint8, (rows, (cols + 7) // 8), "rows x ceil(cols/8) from .shape")
         bitmask = bitmask.contiguous()
         if cols % 8 and rows and (bitmask[:, -1] >> (cols % 8)).any():
             raise FormatError(f"tensor {name!r} has bits set past column {cols} (the padding bits must be zero)")
@@ -158,9 +139,7 @@ class BitmaskWeight(PackedWeight):
         # far cheaper than unpacking every bit when an artifact of 200 layers loads
         counts = torch.from_numpy(np.bitwise_count(bitmask.numpy()).sum(axis=1, dtype=np.int64))
         name = f"{prefix}.row_offsets"
-        row_offsets = require(tensors, name)
-        require_dtype(row_offsets, name, torch.int64)
-        require_shape(row_offsets, name, (rows,), "one offset per row")
+        row_offsets = require_tensor(tensors, name, torch.int64, (rows,), "one offset per row")
         expected = torch.cumsum(counts, 0) - counts
         if not torch.equal(row_offsets, expected):
             bad = int((row_offsets != expected).nonzero()[0, 0])

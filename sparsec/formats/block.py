@@ -35,21 +35,19 @@ import math
 import torch
 
 from sparsec.formats._common import (
+    QuantizableWeight,
     check_options,
     group_size_of,
     pack_bits,
-    prepare_weight,
+    quantize_for_pack,
     read_scales,
     read_shape,
     read_values,
-    require,
-    require_dtype,
-    require_shape,
-    shape_tensor,
+    require_tensor,
     unpack_bits,
 )
-from sparsec.formats.base import FormatError, PackedWeight, register_format
-from sparsec.formats.values import DEFAULT_GROUP_SIZE, decode, dequantize, encode, quantize
+from sparsec.formats.base import FormatError, register_format
+from sparsec.formats.values import DEFAULT_GROUP_SIZE, decode, dequantize, encode
 
 _OPTIONS = ("block_shape", "group_size")
 DEFAULT_BLOCK_SHAPE = (1, 16)
@@ -71,7 +69,7 @@ def parse_block_shape(value: object) -> tuple[int, int]:
 
 
 @register_format("block")
-class BlockWeight(PackedWeight):
+class BlockWeight(QuantizableWeight):
     """A weight stored as dense blocks behind a block bitmap (see module doc)."""
 
     def __init__(
@@ -85,14 +83,11 @@ class BlockWeight(PackedWeight):
         scales: torch.Tensor | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.value_type = value_type
+        super().__init__(shape, value_type, scales, group_size)
         self.block_shape = block_shape
         self.values = values
         self.block_mask = block_mask
         self.block_row_offsets = block_row_offsets
-        self.scales = scales
-        self.group_size = group_size
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -108,11 +103,9 @@ class BlockWeight(PackedWeight):
     def pack(cls, weight: torch.Tensor, value_type: str = "fp32", **options) -> BlockWeight:
         check_options(options, (*_OPTIONS, "scales"), "block")
         br, bc = parse_block_shape(options.get("block_shape", DEFAULT_BLOCK_SHAPE))
-        group_size = group_size_of(options)
-        w = prepare_weight(weight)
+        w, levels, scales, group_size = quantize_for_pack(weight, value_type, options)
         rows, cols = w.shape
         rb, cb = math.ceil(rows / br), math.ceil(cols / bc)
-        levels, scales = quantize(w, value_type, group_size, options.get("scales"))
         pad = (0, cb * bc - cols, 0, rb * br - rows)
         tiles = torch.nn.functional.pad(levels, pad).view(rb, br, cb, bc).permute(0, 2, 1, 3)
         nonzero = torch.nn.functional.pad((w != 0).to(torch.uint8), pad).view(rb, br, cb, bc)
@@ -135,21 +128,12 @@ class BlockWeight(PackedWeight):
         return dequantize(dense.contiguous(), self.value_type, self.scales, self.group_size)
 
     def options(self) -> dict[str, object]:
-        out: dict[str, object] = {"block_shape": self.block_shape}
-        if self.value_type == "int4":
-            out["group_size"] = self.group_size
-        return out
+        return {"block_shape": self.block_shape, **super().options()}
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {
-            f"{prefix}.shape": shape_tensor(*self.shape),
-            f"{prefix}.block_mask": self.block_mask,
-            f"{prefix}.block_row_offsets": self.block_row_offsets,
-            f"{prefix}.values": self.values,
-        }
-        if self.scales is not None:
-            out[f"{prefix}.scales"] = self.scales
-        return out
+        return self._stored_tensors(
+            prefix, block_mask=self.block_mask, block_row_offsets=self.block_row_offsets, values=self.values
+        )
 
     @classmethod
     def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor], **options) -> BlockWeight:
@@ -159,17 +143,13 @@ class BlockWeight(PackedWeight):
         rows, cols = read_shape(tensors, prefix)
         rb, cb = math.ceil(rows / br), math.ceil(cols / bc)
         name = f"{prefix}.block_mask"
-        block_mask = require(tensors, name)
-        require_dtype(block_mask, name, torch.uint8)
-        require_shape(block_mask, name, (rb, (cb + 7) // 8), f"{rb} x {cb} blocks of {br}x{bc}")
+        block_mask = require_tensor(tensors, name, torch.uint8, (rb, (cb + 7) // 8), f"{rb} x {cb} blocks of {br}x{bc}")
         block_mask = block_mask.contiguous()
         if cb % 8 and rb and (block_mask[:, -1] >> (cb % 8)).any():
             raise FormatError(f"tensor {name!r} has bits set past block column {cb}")
         counts = unpack_bits(block_mask, cb).sum(dim=1)
         name = f"{prefix}.block_row_offsets"
-        offsets = require(tensors, name)
-        require_dtype(offsets, name, torch.int64)
-        require_shape(offsets, name, (rb,), "one offset per block row")
+        offsets = require_tensor(tensors, name, torch.int64, (rb,), "one offset per block row")
         expected = torch.cumsum(counts, 0) - counts
         if not torch.equal(offsets, expected):
             bad = int((offsets != expected).nonzero()[0, 0])

@@ -26,20 +26,17 @@ from __future__ import annotations
 import torch
 
 from sparsec.formats._common import (
+    QuantizableWeight,
     check_options,
     group_size_of,
-    prepare_weight,
+    quantize_for_pack,
     read_scales,
     read_shape,
     read_values,
-    require,
-    require_dtype,
-    require_shape,
-    scales_option,
-    shape_tensor,
+    require_tensor,
 )
-from sparsec.formats.base import FormatError, PackedWeight, register_format
-from sparsec.formats.values import DEFAULT_GROUP_SIZE, decode, dequantize, encode, quantize
+from sparsec.formats.base import FormatError, register_format
+from sparsec.formats.values import DEFAULT_GROUP_SIZE, decode, dequantize, encode
 
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -53,7 +50,7 @@ def narrowest_index_dtype(max_value: int) -> torch.dtype:
 
 
 @register_format("csr")
-class CsrWeight(PackedWeight):
+class CsrWeight(QuantizableWeight):
     """A weight in compressed sparse row form (see module doc). Options: ``group_size`` (int4)."""
 
     def __init__(
@@ -66,13 +63,10 @@ class CsrWeight(PackedWeight):
         scales: torch.Tensor | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.value_type = value_type
+        super().__init__(shape, value_type, scales, group_size)
         self.indptr = indptr
         self.indices = indices
         self.values = values
-        self.scales = scales
-        self.group_size = group_size
 
     @property
     def nnz(self) -> int:
@@ -81,10 +75,8 @@ class CsrWeight(PackedWeight):
     @classmethod
     def pack(cls, weight: torch.Tensor, value_type: str = "fp32", **options) -> CsrWeight:
         check_options(options, ("group_size", "scales"), "csr")
-        group_size = group_size_of(options)
-        w = prepare_weight(weight)
+        w, levels, scales, group_size = quantize_for_pack(weight, value_type, options)
         rows, cols = w.shape
-        levels, scales = quantize(w, value_type, group_size, options.get("scales"))
         mask = w != 0
         counts = mask.sum(dim=1)
         nnz = int(counts.sum())
@@ -114,19 +106,8 @@ class CsrWeight(PackedWeight):
         dense[self.row_ids(), self.indices.to(torch.int64)] = vals
         return dequantize(dense, self.value_type, self.scales, self.group_size)
 
-    def options(self) -> dict[str, object]:
-        return scales_option(self.value_type, self.group_size)
-
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {
-            f"{prefix}.shape": shape_tensor(*self.shape),
-            f"{prefix}.indptr": self.indptr,
-            f"{prefix}.indices": self.indices,
-            f"{prefix}.values": self.values,
-        }
-        if self.scales is not None:
-            out[f"{prefix}.scales"] = self.scales
-        return out
+        return self._stored_tensors(prefix, indptr=self.indptr, indices=self.indices, values=self.values)
 
     @classmethod
     def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor], **options) -> CsrWeight:
@@ -134,17 +115,13 @@ class CsrWeight(PackedWeight):
         group_size = group_size_of(options)
         rows, cols = read_shape(tensors, prefix)
         name = f"{prefix}.indptr"
-        indptr = require(tensors, name)
-        require_dtype(indptr, name, INDEX_DTYPES)
-        require_shape(indptr, name, (rows + 1,), "rows + 1 from .shape")
+        indptr = require_tensor(tensors, name, INDEX_DTYPES, (rows + 1,), "rows + 1 from .shape")
         ptr = indptr.to(torch.int64)
         if int(ptr[0]) != 0 or (ptr[1:] < ptr[:-1]).any():
             raise FormatError(f"tensor {name!r} must start at 0 and never decrease")
         nnz = int(ptr[-1])
         name = f"{prefix}.indices"
-        indices = require(tensors, name)
-        require_dtype(indices, name, INDEX_DTYPES)
-        require_shape(indices, name, (nnz,), f"indptr[-1] = {nnz} values")
+        indices = require_tensor(tensors, name, INDEX_DTYPES, (nnz,), f"indptr[-1] = {nnz} values")
         idx = indices.to(torch.int64)
         if nnz and (int(idx.min()) < 0 or int(idx.max()) >= cols):
             raise FormatError(f"tensor {name!r} holds a column outside [0, {cols})")

@@ -24,18 +24,17 @@ from __future__ import annotations
 import torch
 
 from sparsec.formats._common import (
+    QuantizableWeight,
     check_options,
     group_size_of,
-    prepare_weight,
+    quantize_for_pack,
     read_scales,
     read_shape,
     require,
     require_shape,
-    scales_option,
-    shape_tensor,
 )
-from sparsec.formats.base import FormatError, PackedWeight, all_finite, register_format
-from sparsec.formats.values import DEFAULT_GROUP_SIZE, FLOAT_TYPES, dequantize, quantize, value_type_of
+from sparsec.formats.base import FormatError, all_finite, register_format
+from sparsec.formats.values import DEFAULT_GROUP_SIZE, FLOAT_TYPES, dequantize, value_type_of
 
 
 def pack_int4_rows(levels: torch.Tensor) -> torch.Tensor:
@@ -56,7 +55,7 @@ def unpack_int4_rows(packed: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 @register_format("dense")
-class DenseWeight(PackedWeight):
+class DenseWeight(QuantizableWeight):
     """A weight stored densely (see module doc). Options: ``group_size`` (int4)."""
 
     def __init__(
@@ -67,18 +66,13 @@ class DenseWeight(PackedWeight):
         scales: torch.Tensor | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.value_type = value_type
+        super().__init__(shape, value_type, scales, group_size)
         self.weight = weight
-        self.scales = scales
-        self.group_size = group_size
 
     @classmethod
     def pack(cls, weight: torch.Tensor, value_type: str = "fp32", **options) -> DenseWeight:
         check_options(options, ("group_size", "scales"), "dense")
-        group_size = group_size_of(options)
-        w = prepare_weight(weight)
-        levels, scales = quantize(w, value_type, group_size, options.get("scales"))
+        w, levels, scales, group_size = quantize_for_pack(weight, value_type, options)
         stored = pack_int4_rows(levels) if value_type == "int4" else levels.contiguous()
         return cls(tuple(w.shape), value_type, stored, scales, group_size)
 
@@ -91,14 +85,8 @@ class DenseWeight(PackedWeight):
     def unpack(self) -> torch.Tensor:
         return dequantize(self.levels(), self.value_type, self.scales, self.group_size)
 
-    def options(self) -> dict[str, object]:
-        return scales_option(self.value_type, self.group_size)
-
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.shape": shape_tensor(*self.shape), f"{prefix}.weight": self.weight}
-        if self.scales is not None:
-            out[f"{prefix}.scales"] = self.scales
-        return out
+        return self._stored_tensors(prefix, weight=self.weight)
 
     @classmethod
     def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor], **options) -> DenseWeight:

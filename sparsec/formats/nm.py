@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from sparsec.formats._common import (
+    QuantizableWeight,
     check_options,
     group_size_of,
     pack_fields,
@@ -40,13 +41,10 @@ from sparsec.formats._common import (
     read_scales,
     read_shape,
     read_values,
-    require,
-    require_dtype,
-    require_shape,
-    shape_tensor,
+    require_tensor,
     unpack_fields,
 )
-from sparsec.formats.base import FormatError, PackedWeight, register_format
+from sparsec.formats.base import FormatError, register_format
 from sparsec.formats.values import DEFAULT_GROUP_SIZE, decode, dequantize, encode, quantize
 
 _OPTIONS = ("n", "m", "group_size")
@@ -110,7 +108,7 @@ def _select_positions(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, tu
 
 
 @register_format("nm")
-class NmWeight(PackedWeight):
+class NmWeight(QuantizableWeight):
     """A weight in N:M form (see module doc)."""
 
     def __init__(
@@ -124,13 +122,10 @@ class NmWeight(PackedWeight):
         scales: torch.Tensor | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.value_type = value_type
+        super().__init__(shape, value_type, scales, group_size)
         self.n, self.m = n, m
         self.values = values
         self.indices = indices
-        self.scales = scales
-        self.group_size = group_size
 
     @property
     def fields_per_row(self) -> int:
@@ -174,20 +169,10 @@ class NmWeight(PackedWeight):
         return dequantize(dense.view(rows, cols), self.value_type, self.scales, self.group_size)
 
     def options(self) -> dict[str, object]:
-        out: dict[str, object] = {"n": self.n, "m": self.m}
-        if self.value_type == "int4":
-            out["group_size"] = self.group_size
-        return out
+        return {"n": self.n, "m": self.m, **super().options()}
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {
-            f"{prefix}.shape": shape_tensor(*self.shape),
-            f"{prefix}.values": self.values,
-            f"{prefix}.indices": self.indices,
-        }
-        if self.scales is not None:
-            out[f"{prefix}.scales"] = self.scales
-        return out
+        return self._stored_tensors(prefix, values=self.values, indices=self.indices)
 
     @classmethod
     def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor], **options) -> NmWeight:
@@ -200,9 +185,8 @@ class NmWeight(PackedWeight):
         k = cols // m * n
         bits = index_bits(m)
         name = f"{prefix}.indices"
-        indices = require(tensors, name)
-        require_dtype(indices, name, torch.uint8)
-        require_shape(indices, name, (rows, (k * bits + 7) // 8), f"{k} positions of {bits} bits a row for {n}:{m}")
+        why = f"{k} positions of {bits} bits a row for {n}:{m}"
+        indices = require_tensor(tensors, name, torch.uint8, (rows, (k * bits + 7) // 8), why)
         indices = indices.contiguous()
         pos = unpack_fields(indices, k, bits).view(rows, cols // m, n)
         if (pos >= m).any() or (n > 1 and (pos[:, :, 1:] <= pos[:, :, :-1]).any()):
