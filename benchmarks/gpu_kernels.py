@@ -10,7 +10,11 @@ For each layer shape, sparsity, value type and batch, this script
    the next of several copies of the layer (together more than 4x the L2 cache, so weights
    come from HBM as in a real decoding step);
 4. prints time, speedup over cuBLAS, achieved bandwidth as a fraction of the copy bandwidth,
-   and the host-side cost of one call.
+   and the host-side cost of one call;
+5. times cuBLAS once more on a dense fp16 weight of the same columns and as many bytes as the
+   sparse layer holds (``ceiling`` = cuBLAS time / that time): the speedup a kernel would get
+   if it streamed its bytes as well as cuBLAS streams a dense weight, fixed costs included.
+   A target above the ceiling cannot be met by a better walk alone.
 
 Launch overhead: a numba-cuda launch costs tens of microseconds of Python on the host, more than
 a small layer takes on the GPU. Each timed block therefore starts behind a GPU-side sleep
@@ -24,6 +28,7 @@ Usage::
     python benchmarks/gpu_kernels.py --quick      # a subset (about a minute)
     python benchmarks/gpu_kernels.py --simulate   # tiny shapes on the CUDA simulator, no GPU
     python benchmarks/gpu_kernels.py --json out.json
+    python benchmarks/gpu_kernels.py --fit out.json   # no GPU: what cuBLAS's times say is reachable
 
 Without a GPU (and without ``--simulate``) it exits with status 2 and one sentence saying so.
 """
@@ -79,6 +84,10 @@ class Row:
     max_err_ratio: float
     warps: int = 4
     design: str = "lanes"
+    #: cuBLAS fp16 on a dense ``[same_bytes_rows, cols]`` weight of the sparse layer's bytes
+    same_bytes_rows: int = 0
+    same_bytes_cublas_us: float = math.nan
+    ceiling: float = math.nan
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,7 +108,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=40, help="launches per timed block")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit", metavar="JSON",
+                   help="no GPU needed: fit cuBLAS time = fixed + bytes / bandwidth to a --json file of an "
+                        "earlier run, and print the speedup a sparse layer would get at that fit")
     return p.parse_args(argv)
+
+
+def fit_cublas(rows: list[dict]) -> dict[int, tuple[float, float]]:
+    """``{batch: (fixed us, GB/s)}``: least squares of cuBLAS's median time per shape against its
+    dense fp16 weight bytes, one line per batch (needs two shapes or more)."""
+    import numpy as np
+
+    times: dict[tuple[int, int, int], list[float]] = {}
+    for r in rows:
+        if not math.isnan(r["cublas_us"]):
+            times.setdefault((r["batch"], r["rows"], r["cols"]), []).append(r["cublas_us"])
+    fits = {}
+    for batch in sorted({b for b, _, _ in times}):
+        shapes = [(rr * cc * 2, statistics.median(t)) for (b, rr, cc), t in times.items() if b == batch]
+        if len(shapes) < 2:
+            continue
+        mb = np.array([s[0] / 1e6 for s in shapes])
+        us = np.array([s[1] for s in shapes])
+        slope, fixed = np.polyfit(mb, us, 1)
+        fits[batch] = (float(fixed), float(1e3 / slope))
+    return fits
+
+
+def print_fit(path: str) -> int:
+    """The ``--fit`` report: the line through cuBLAS's times, then per measured configuration
+    the speedup of a kernel that moved the sparse layer's bytes on the same line (``ceiling``)."""
+    with open(path) as f:
+        rows = json.load(f)
+    fits = fit_cublas(rows)
+    if not fits:
+        print(f"{path} has cuBLAS times for fewer than two shapes at every batch; nothing to fit", file=sys.stderr)
+        return 2
+    for batch, (fixed, gbs) in fits.items():
+        print(f"batch {batch}: cuBLAS fp16 time = {fixed:.2f} us + dense bytes / {gbs:.0f} GB/s")
+    print(f"{'shape':>12} {'sparse':>6} {'vtype':>5} {'batch':>5} {'bits/w':>6} {'cuBLAS us':>9} "
+          f"{'same line us':>12} {'ceiling':>7}")
+    seen = set()
+    for r in rows:
+        key = (r["rows"], r["cols"], str(r["sparsity"]), r["value_type"], r["batch"])
+        if key in seen or r["batch"] not in fits or math.isnan(r["cublas_us"]):
+            continue
+        seen.add(key)
+        fixed, gbs = fits[r["batch"]]
+        at_fit = fixed + r["rows"] * r["cols"] * r["bits_per_weight"] / 8 / 1e6 * 1e3 / gbs
+        shape = f"{r['rows']}x{r['cols']}"
+        print(f"{shape:>12} {str(r['sparsity']):>6} {r['value_type']:>5} {r['batch']:5d} "
+              f"{r['bits_per_weight']:6.2f} {r['cublas_us']:9.2f} {at_fit:12.2f} {r['cublas_us'] / at_fit:7.2f}")
+    return 0
 
 
 def no_gpu_reason(torch) -> str | None:
@@ -230,6 +290,30 @@ def bandwidth_gbs(torch, nbytes: int = 1 << 30) -> float:
     return 2 * (nbytes // 2) / statistics.median(times) / 1e9
 
 
+def empty_kernel_us(torch, timer: GpuTimer, blocks: int) -> float:
+    """GPU time of a numba-cuda launch of ``blocks`` x 256 threads that do nothing: the part of
+    every kernel's time that no walk can remove (launch, block scheduling, completion)."""
+    import numpy as np
+
+    from sparsec.codegen.cuda._compat import without_nrt
+    from sparsec.codegen.cuda.device import cuda, jit_kernel
+
+    @jit_kernel
+    def nothing(flag):
+        if flag[0] == 12345:  # never: the argument only keeps the launch shaped like a kernel's
+            flag[0] = 0
+
+    flag = cuda.to_device(np.zeros(1, dtype=np.int32))
+    stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+
+    def launch() -> None:
+        with without_nrt():  # as the layers' kernels are launched (the first launch compiles)
+            nothing[blocks, 256, stream](flag)
+
+    us, _ = timer.time_us([launch])
+    return us
+
+
 def run_gpu(args, grid) -> list[Row]:
     import torch
 
@@ -241,8 +325,28 @@ def run_gpu(args, grid) -> list[Row]:
     bw = bandwidth_gbs(torch)
     print(f"device: {props.name}, L2 {l2 / 2**20:.0f} MiB, copy bandwidth {bw:.0f} GB/s (read + write)")
     timer = GpuTimer(torch, args.repeats, args.block)
+    blocks = props.multi_processor_count * 8
+    try:  # a reference point only: its failure must not cost the run its kernel timings
+        empty_us = empty_kernel_us(torch, timer, blocks)
+        print(f"empty kernel: {empty_us:.2f} us of GPU time a launch ({blocks} blocks of 256 threads that do "
+              f"nothing: no launch of that size is faster)")
+    except Exception as e:  # noqa: BLE001
+        print(f"empty kernel: not measured ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     results: list[Row] = []
+    same_bytes: dict[tuple[int, int, int], float] = {}  # (rows, cols, batch) -> cuBLAS us
+
+    def cublas_same_bytes(nbytes: int, cols: int, x) -> tuple[int, float]:
+        rows_eq = max(1, round(nbytes / (2 * cols)))
+        key = (rows_eq, cols, x.shape[0])
+        if key not in same_bytes:
+            copies = [torch.randn(rows_eq, cols, generator=gen, device="cuda").half()
+                      for _ in range(max(2, math.ceil(4 * l2 / (rows_eq * cols * 2))))]
+            same_bytes[key], _ = timer.time_us(
+                [lambda d=d: torch.nn.functional.linear(x, d) for d in copies]
+            )
+            del copies
+        return rows_eq, same_bytes[key]
     for rows, cols in grid["shapes"]:
         dense_bytes = rows * cols * 2
         n_dense = max(2, math.ceil(4 * l2 / dense_bytes))
@@ -277,12 +381,14 @@ def run_gpu(args, grid) -> list[Row]:
                     )
                     io = x.numel() * 2 + batch * rows * 2
                     ours_bytes = kernels[0].nbytes() + io
+                    rows_eq, eq_us = cublas_same_bytes(kernels[0].nbytes(), cols, x)
                     row = Row(
                         rows, cols, sparsity, vt, batch, packed.bits_per_weight(),
                         ours, cublas, cublas / ours,
                         ours_bytes / (ours * 1e-6) / 1e9 / bw,
                         (dense_bytes + io) / (cublas * 1e-6) / 1e9 / bw,
                         ours_bytes / (bw * 1e9) * 1e6, host, err, warps or 0, design,
+                        rows_eq, eq_us, cublas / eq_us,
                     )  # fmt: skip
                     results.append(row)
                     print_row(row)
@@ -335,7 +441,7 @@ def run_simulated(args, grid) -> list[Row]:
 HEADER = (
     f"{'shape':>12} {'sparse':>6} {'vtype':>5} {'batch':>5} {'bits/w':>6} {'ours us':>9} {'cuBLAS us':>9} "
     f"{'speedup':>7} {'ours BW':>7} {'cuBLAS BW':>9} {'floor us':>8} {'host us':>8} {'err':>6} {'warps':>5} "
-    f"{'design':>6}"
+    f"{'design':>6} {'ceiling':>7}"
 )
 
 
@@ -348,12 +454,14 @@ def print_row(r: Row) -> None:
         f"{r.bits_per_weight:6.2f} "
         f"{r.ours_us:9.2f} {r.cublas_us:9.2f} {r.speedup:7.2f} {pct(r.ours_bw_frac):>7} "
         f"{pct(r.cublas_bw_frac):>9} {r.floor_us:8.2f} {r.host_us_per_call:8.1f} {r.max_err_ratio:6.3f} "
-        f"{r.warps:5d} {r.design:>6}"
+        f"{r.warps:5d} {r.design:>6} {r.ceiling:7.2f}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.fit:
+        return print_fit(args.fit)
     if args.simulate:
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

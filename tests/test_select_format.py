@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -200,3 +202,26 @@ def test_cuda_model_still_agrees_with_the_lane_word_kernels():
                                 format_nbytes("bitmask", r["value_type"], stats))
         dense = estimate_seconds("dense", "fp16", stats, r["batch"], cuda, format_nbytes("dense", "fp16", stats))
         assert (ours < dense) == (r["ours_us"] < r["cublas_us"]), r
+
+
+def test_gpu_benchmark_fits_the_stored_cublas_times(capsys, monkeypatch):
+    """``gpu_kernels.py --fit`` (no GPU) on the third H200 run: cuBLAS's batch-1 times lie on a
+    line of a few microseconds plus the weight's bytes at about the HBM bandwidth, and every
+    75% configuration gets its ceiling, the speedup of a kernel on that same line."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    spec = importlib.util.spec_from_file_location("gpu_kernels", root / "benchmarks/gpu_kernels.py")
+    gpu_kernels = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_kernels", gpu_kernels)  # its dataclass looks itself up there
+    spec.loader.exec_module(gpu_kernels)
+    run = root / "benchmarks/results/gpu-session3/gpu_kernels_75.json"
+    assert gpu_kernels.main(["--fit", str(run)]) == 0
+    out = capsys.readouterr().out
+    fixed, gbs = gpu_kernels.fit_cublas(json.loads(run.read_text()))[1]
+    assert 4.0 < fixed < 9.0 and 4000 < gbs < 5200, (fixed, gbs)
+    assert f"batch 1: cuBLAS fp16 time = {fixed:.2f} us" in out
+    ceilings = [float(line.split()[-1]) for line in out.splitlines() if " 0.75 " in line]
+    assert len(ceilings) == 24 and all(1.3 < c < 3.5 for c in ceilings)
