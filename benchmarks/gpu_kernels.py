@@ -330,7 +330,7 @@ def run_gpu(args, grid) -> list[Row]:
         empty_us = empty_kernel_us(torch, timer, blocks)
         print(f"empty kernel: {empty_us:.2f} us of GPU time a launch ({blocks} blocks of 256 threads that do "
               f"nothing: no launch of that size is faster)")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         print(f"empty kernel: not measured ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     results: list[Row] = []
