@@ -4,7 +4,8 @@ The simulator checks what the kernels compute, not the GPU code path (shuffles, 
 vector load intrinsic, bit reinterpretations). This test compiles that path with NVVM for
 ``sm_90`` without needing a GPU, and checks the PTX: one ``ld.global.v2.u64`` per value load,
 ``shfl.sync`` for the warp collectives, no local memory (accumulators stay in registers) and
-no double-precision instruction.
+no double-precision instruction; in the lane-word designs at batch 16, ``x`` read a column's
+batch values at a time in 16-byte loads.
 
 It needs libnvvm: set ``CUDA_HOME`` to a CUDA toolkit, or to the ``nvidia/cu13`` folder of the
 ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels unpacked together. Skipped otherwise. The
@@ -80,6 +81,7 @@ for fmt, vt, batch in cases:
     out.append(dict(fmt=fmt, vt=vt, batch=batch, v2=count(r"ld\.global\.v2\.u64"),
                     shfl=count(r"shfl\.sync"), local=count(r"\.local"), f64=count(r"\.f64"),
                     lds=count(r"ld\.shared\.f32"), u64=count(r"\.[us]64\s"),
+                    v4=count(r"ld\.global\.v4\.b32"), u16=count(r"ld\.global\.u16"),
                     target="sm_90" in ptx, lto=k.targetoptions.get("lto")))
 print(json.dumps(out))
 """
@@ -100,6 +102,8 @@ def test_kernels_compile_to_sm90_ptx() -> None:
         if r["fmt"] in ("lanes", "runs"):
             # batch 1 keeps x in shared memory (4096 float32), batch 16 cannot (256 KiB)
             assert (r["lds"] >= 1) == (r["batch"] == 1), f"{name}: x staging is not as designed"
+            if r["batch"] == 16:  # x by column: a value's 16 fp16 batch values in two 16-byte loads
+                assert r["v4"] >= 2 and r["u16"] == 0, f"{name}: x is not read in vector loads"
         if r["fmt"] not in ("lanes", "runs"):
             assert r["v2"] >= 1, f"{name}: values are not read with a 16-byte load"
         assert r["shfl"] >= 5, f"{name}: warp collectives do not use shuffles"

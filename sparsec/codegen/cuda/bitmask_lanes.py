@@ -40,6 +40,7 @@ from sparsec.codegen.cuda.device import (
     cuda,
     jit_kernel,
     make_epilogue,
+    make_load_row,
     warp_scan,
 )
 from sparsec.codegen.cuda.values import VALUE_CODES, VALUES_PER_U32, kernel_scales, make_dequant_low, words32
@@ -103,23 +104,32 @@ def make_stage_x(cols: int, batch: int, threads: int):
     return stage_x
 
 
-def make_read_x(cols: int, batch: int):
-    """Device function ``read_x(xs, x, b, last, col)``: batch row ``b``'s value at column ``col``
-    as float32. From the shared copy when the kernel stages ``x`` (:func:`stages_x`); otherwise
-    ``x`` comes by column, ``[cols, batch]`` zero-padded past ``m`` (the launcher transposes it),
-    so one column's ``batch`` values sit side by side: one address a value, then constant
-    offsets (read as ``x[row, col]`` it took about 9 instructions a value and batch row).
+def make_add_x(cols: int, batch: int):
+    """Device function ``add_x(acc, v, xs, x, col)``: ``acc[b] += v * x[b, col]`` for every batch
+    row ``b`` of the bucket.
+
+    ``x`` comes from the shared copy when the kernel stages it (:func:`stages_x`). Otherwise
+    it comes by column, ``[cols, batch]`` zero-padded past ``m`` (the launcher transposes it), so
+    one column's ``batch`` values sit side by side and arrive in one or a few vector loads
+    (:func:`~sparsec.codegen.cuda.device.make_load_row`). Read as ``x[row, col]`` it took about
+    9 instructions a value and batch row; read element by element from the column layout, one
+    2-byte load a batch row, each touching its own cache line in every lane.
     """
     cols_p = padded_cols(cols)
     stage = stages_x(cols, batch)
+    load_row = make_load_row(batch)
 
     @cuda.jit(device=True, inline=True)
-    def read_x(xs, x, b, last, col):
+    def add_x(acc, v, xs, x, col):
         if stage:
-            return xs[np.uint32(b * cols_p + col)]
-        return np.float32(x[col, b])
+            for b in range(batch):
+                acc[b] += v * xs[np.uint32(b * cols_p + col)]
+        else:
+            column = load_row(x, col)
+            for b in range(batch):
+                acc[b] += v * column[b]
 
-    return read_x
+    return add_x
 
 
 @dataclass(frozen=True)
@@ -262,7 +272,7 @@ def make_kernel(
     xs_len = batch * cols_p if stage else 1
     finish = make_epilogue(batch, value_type, has_bias, activation)
     stage_x = make_stage_x(cols, batch, warps * WARP)
-    read_x = make_read_x(cols, batch)
+    add_x = make_add_x(cols, batch)
     gsize = int(group_size)
     warps = int(warps)
     one = np.uint32(1)
@@ -320,8 +330,7 @@ def make_kernel(
                     cur = np.uint32(cur >> field_shift)
                     if vt == 4:
                         v *= row_scales[col // gsize]
-                    for b in range(batch):
-                        acc[b] += v * read_x(xs, x, b, last, col)
+                    add_x(acc, v, xs, x, col)
                     kk = np.uint32(kk + one)
                 start = np.int32(start + total)
             finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])
@@ -369,7 +378,7 @@ def make_runs_kernel(
     xs_len = batch * cols_p if stage else 1
     finish = make_epilogue(batch, value_type, has_bias, activation)
     stage_x = make_stage_x(cols, batch, warps * WARP)
-    read_x = make_read_x(cols, batch)
+    add_x = make_add_x(cols, batch)
     gsize = int(group_size)
     warps = int(warps)
     one = np.uint32(1)
@@ -377,7 +386,7 @@ def make_runs_kernel(
     dequant_low = make_dequant_low(value_type)
 
     @cuda.jit(device=True, inline=True)
-    def take(acc, rest, upcoming, tile, col_base, cur, mask, row, lane, xs, x, last, row_scales):
+    def take(acc, rest, upcoming, tile, col_base, cur, mask, row, lane, xs, x, row_scales):
         """Multiply the low value of ``cur`` by ``x`` at the lane's next set bit, moving to the
         next non-empty mask word first when this one is spent (one is left: the caller knows).
         Returns the walk's state: ``(rest, upcoming, tile, col_base, cur)``."""
@@ -392,8 +401,7 @@ def make_runs_kernel(
         v = dequant_low(cur)
         if vt == 4:
             v *= row_scales[col // gsize]
-        for b in range(batch):
-            acc[b] += v * read_x(xs, x, b, last, col)
+        add_x(acc, v, xs, x, col)
         return rest, upcoming, tile, col_base, np.uint32(cur >> field_shift)
 
     @jit_kernel
@@ -443,7 +451,7 @@ def make_runs_kernel(
                 cur = words[w]
                 for _ in range(per_u32):
                     rest, upcoming, tile, col_base, cur = take(acc, rest, upcoming, tile, col_base, cur,
-                                                               mask, row, lane, xs, x, last, row_scales)
+                                                               mask, row, lane, xs, x, row_scales)
                 w = np.uint32(w + one)
             if w < wend:  # the last word: ``left`` values, the rest is padding
                 left = count - np.int32((nwords - one) << vshift)
@@ -451,7 +459,7 @@ def make_runs_kernel(
                 for e in range(per_u32):
                     if e < left:
                         rest, upcoming, tile, col_base, cur = take(acc, rest, upcoming, tile, col_base, cur,
-                                                                   mask, row, lane, xs, x, last, row_scales)
+                                                                   mask, row, lane, xs, x, row_scales)
             finish(y, acc, m, row, live, lane, scales, bias, sum_scratch[warp])
             g += cuda.gridDim.x
 

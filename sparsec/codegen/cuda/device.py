@@ -100,6 +100,17 @@ if SIMULATOR:
         """The fp16 value whose bits are the low 16 bits of ``bits``, widened to float32."""
         return np.float32(np.array([int(bits) & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
 
+    def make_load_row(width: int):
+        """Device function ``load_row(x, row)``: ``x[row, 0:width]`` of a C-contiguous 2-D
+        float16/float32 array ``[rows, width]`` as a tuple of ``width`` float32 (see the GPU
+        version for the loads it makes)."""
+
+        @cuda.jit(device=True)
+        def load_row(x, row):
+            return tuple(np.float32(x[row, k]) for k in range(width))
+
+        return load_row
+
 else:
     from llvmlite import ir
 
@@ -153,6 +164,53 @@ else:
             return context.make_tuple(builder, result, [lo, hi])
 
         return result(words, pair), codegen
+
+    def make_load_row(width: int):
+        """Device function ``load_row(x, row)``: ``x[row, 0:width]`` of a C-contiguous 2-D
+        float16/float32 array ``[rows, width]`` as a tuple of ``width`` float32.
+
+        ``width`` is a power of two (a batch bucket): the row is read in vector loads of up to
+        16 bytes (a 16-row fp16 bucket: two ``ld.global.v4.u32``, where indexing element by
+        element gave sixteen 2-byte loads, each touching its own cache line in every lane). The
+        caller guarantees the layout: rows ``width`` elements apart, the base 16-byte aligned
+        (torch's allocations are), so every vector is aligned to its own size.
+        """
+        if width < 1 or width & (width - 1):
+            raise ValueError(f"load_row needs a power-of-two width, got {width}")
+
+        @intrinsic
+        def _load_row(typingctx, x, row):
+            if not (isinstance(x, types.Array) and x.ndim == 2 and x.dtype in (types.float16, types.float32)):
+                return None
+            if not isinstance(row, types.Integer):
+                return None
+            result = types.UniTuple(types.float32, width)
+
+            def codegen(context, builder, signature, args):
+                arrty, rowty = signature.args
+                arr = context.make_array(arrty)(context, builder, args[0])
+                index = context.cast(builder, args[1], rowty, types.intp)
+                itemsize = 2 if arrty.dtype == types.float16 else 4
+                lanes = min(width, 16 // itemsize)  # elements a vector load takes
+                element = ir.HalfType() if itemsize == 2 else ir.FloatType()
+                vec_t = ir.VectorType(element, lanes)
+                first = builder.gep(arr.data, [builder.mul(index, ir.Constant(index.type, width))])
+                values = []
+                for start in range(0, width, lanes):
+                    at = builder.gep(first, [ir.Constant(index.type, start)])
+                    vec = builder.load(builder.bitcast(at, vec_t.as_pointer()), align=lanes * itemsize)
+                    for k in range(lanes):
+                        v = builder.extract_element(vec, ir.Constant(ir.IntType(32), k))
+                        values.append(builder.fpext(v, ir.FloatType()) if itemsize == 2 else v)
+                return context.make_tuple(builder, result, values)
+
+            return result(x, row), codegen
+
+        @cuda.jit(device=True, inline=True)
+        def load_row(x, row):
+            return _load_row(x, row)
+
+        return load_row
 
     @cuda.jit(device=True, inline=True)
     def warp_sync():
