@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
+from tiny_lm import VOCAB, Net
 
 from sparsec.capture import capture
 from sparsec.finetune import (
@@ -23,33 +23,6 @@ from sparsec.finetune.schedules import CubicSchedule
 from sparsec.finetune.trainer import lr_factor, mask_pairs
 from sparsec.passes import PassContext, make_pass, run_passes
 from sparsec.passes.taps import TapError, is_tapped
-
-VOCAB = 40
-
-
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, x):
-        return self.norm(x + self.fc2(torch.relu(self.fc1(x))))
-
-
-class Net(nn.Module):
-    def __init__(self, d: int = 16, layers: int = 3) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, d)
-        self.blocks = nn.ModuleList([Block(d) for _ in range(layers)])
-        self.head = nn.Linear(d, VOCAB)
-
-    def forward(self, input_ids):
-        h = self.emb(input_ids)
-        for b in self.blocks:
-            h = b(h)
-        return self.head(h)
 
 
 def data(n: int = 16, seq: int = 8, seed: int = 1) -> torch.Tensor:
