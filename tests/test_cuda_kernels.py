@@ -104,6 +104,21 @@ def test_bitmask_value_types(value_type: str, batch: int, design: str) -> None:
     check(run(kernel, x), packed, x)
 
 
+@pytest.mark.parametrize("design", ["lanes", "runs"])
+@pytest.mark.parametrize("batch", [3, 12])  # buckets 4 and 16, neither staged at 3100 columns
+def test_lane_designs_read_fp16_x_by_column(design: str, batch: int) -> None:
+    # x by column, [cols, bucket] fp16: a column's batch values are one row of 8 or 32 bytes,
+    # read a vector at a time on a GPU; the rows past ``batch`` are the launcher's zeros.
+    w = sparse_weight(5, 3100, 0.25, seed=batch)
+    packed = pack(w, "bitmask", "fp16")
+    kernel = build_linear_kernel(packed, design=design)
+    assert kernel.takes_x_by_column(batch)
+    x = torch.randn(batch, 3100, generator=torch.Generator().manual_seed(batch)).half()
+    y = run(kernel, x)
+    assert y.dtype == torch.float16
+    check(y, packed, x)
+
+
 @pytest.mark.parametrize("value_type", ["fp32", "bf16", "fp16", "int8", "int4"])
 def test_lane_layout_is_a_permutation_of_the_stored_bytes(value_type: str) -> None:
     # 1100 columns: a full tile and a partial one; the permutation must be undone exactly.
