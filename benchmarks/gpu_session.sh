@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything sparsec checks and times on a GPU, in as few device calls as possible.
 #
-#   bash benchmarks/gpu_session.sh kernels   # environment, CUDA kernel and artifact tests on the GPU,
-#                                            # kernel benchmark (lanes and runs designs at 75%),
+#   bash benchmarks/gpu_session.sh kernels   # environment, CUDA kernel tests on the GPU, the tensor-core
+#                                            # probe, kernel benchmark (lanes and runs designs at 75%),
 #                                            # Nsight Compute on one launch where counters exist
 #                                            # (sections, then the counters that say what bounds the walk)
 #   bash benchmarks/gpu_session.sh profile   # Nsight Compute on the bitmask kernels (needs hardware
 #                                            # counters: Firecracker machines have them, gVisor ones not)
 #   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager, the CUDA artifact
-#                                            # round trip; recovery on the GPU when RECOVERY_ARGS is set
+#                                            # and target tests; recovery on the GPU when RECOVERY_ARGS is set
 #   bash benchmarks/gpu_session.sh recovery GGUF  # the recovery experiment at ~3 epochs (docs/recovery.md);
 #                                            # needs the bundled text's JSON in .gpu2/text (TEXT_DIR) and,
 #                                            # like e2e, WHEELS=.gpu2/whl for the gguf package
@@ -59,11 +59,12 @@ case "${1:-}" in
 print(sys.version.split()[0], \"numpy\", numpy.__version__, \"torch\", torch.__version__, \"numba\", numba.__version__,
       \"numba-cuda\", v(\"numba-cuda\"), \"transformers\", transformers.__version__)
 from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda_available())"'
-    # Kernel tests (every design), then the CUDA artifact round trip and the target's own tests:
-    # none of them needs the SmolLM2 weights. The default limits (60 + 200 + 170 + 2 x (50 + 40))
-    # sum to 610 s; a device call may run 600, but the env step takes seconds, not its minute.
-    step tests "${TESTS_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
-      tests/test_cuda_artifact.py tests/test_cuda_target.py
+    # The kernel tests (every design); the artifact and target tests run in e2e mode. The default
+    # limits (60 + 150 + 170 + 60 + 2 x (50 + 40)) sum to 620 s; a device call may run 600, but
+    # the env step takes seconds, not its minute.
+    step tests "${TESTS_LIMIT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
+    # Tensor cores at batch 16 (docs/performance.md): both probe kernels against cuBLAS, 75%.
+    step mma_probe "${PROBE_LIMIT:-60}" $PY benchmarks/cuda_mma_probe.py
     step bench75 "${BENCH_LIMIT:-170}" $PY benchmarks/gpu_kernels.py --sparsities 0.75 --batches 1,16 \
       --designs "${DESIGNS:-lanes,runs}" --json "$OUT/gpu_kernels_75.json"
     step bench "${BENCH2_LIMIT:-0}" $PY benchmarks/gpu_kernels.py --sparsities 0.5,0.9,2:4 \
@@ -114,7 +115,8 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
     export SPARSEC_CACHE=${SPARSEC_CACHE:-/tmp/sparsec-cache}
     step e2e "${E2E_LIMIT:-150}" $PY benchmarks/gpu_e2e.py --gguf "$gguf" --design "${E2E_DESIGN:-auto}" \
       --json "$OUT/gpu_e2e.json"
-    step artifact "${ARTIFACT_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_artifact.py
+    step artifact "${ARTIFACT_LIMIT:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_artifact.py \
+      tests/test_cuda_target.py
     if [ -n "${RECOVERY_ARGS:-}" ]; then
       # shellcheck disable=SC2086
       step recovery "${RECOVERY_LIMIT:-300}" $PY benchmarks/recovery.py --device cuda --out "$OUT/recovery" $RECOVERY_ARGS
