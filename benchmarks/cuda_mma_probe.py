@@ -268,7 +268,7 @@ def make_store_half(simulator: bool):
     def _store_half(typingctx, words, index, value):
         if not (isinstance(words, types.Array) and words.dtype == types.uint32 and words.ndim == 1):
             return None
-        if not (isinstance(index, types.Integer) and isinstance(value, types.Integer)):
+        if not (isinstance(index, types.Integer) and value == types.uint32):
             return None
 
         def codegen(context, builder, signature, args):
@@ -284,7 +284,7 @@ def make_store_half(simulator: bool):
 
     @cuda.jit(device=True, inline=True)
     def store_half(words, index, value):
-        _store_half(words, index, value)
+        _store_half(words, index, np.uint32(value))  # a 32-bit value: the store truncates it
 
     return store_half
 
