@@ -23,6 +23,11 @@ given sparsity (lanes reconverge after every tile in ``lanes``, once a row in ``
 word in ``runs``, not counted). A trip is counted on its common path: the move to the next
 non-empty mask word (a nested loop, about once a word) is left out.
 
+``--probe`` prints, instead, the loops of the tensor-core probe's kernels
+(``benchmarks/cuda_mma_probe.py``, 4096 columns, 8 warps a block): for each kernel its
+``HMMA`` loop and, in ``scatter``, the walk that fills the shared tile (common-path
+instructions, ``HMMA``/``FLO`` counts).
+
 ``--balance`` prints, instead (no compiler needed), how far the fullest lane of a row sits
 above the mean lane: tile by tile (``lanes``), over the row (``runs``), and over the row with
 a per-tile rotation of the lanes' column classes chosen to level them
@@ -55,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ptxas", default=shutil.which("ptxas"), help="path of ptxas (default: from PATH)")
     p.add_argument("--nvdisasm", default=shutil.which("nvdisasm"), help="path of nvdisasm (default: from PATH)")
     p.add_argument("--rows", type=int, default=2000, help="random rows for the imbalance estimate")
+    p.add_argument("--probe", action="store_true",
+                   help="count the loops of benchmarks/cuda_mma_probe.py's kernels instead of the bit walks")
     p.add_argument("--balance", action="store_true",
                    help="print the lane-imbalance table for --cols and --sparsity (comma-separated here) only")
     return p.parse_args(argv)
@@ -174,6 +181,50 @@ def compile_ptx(design: str, value_type: str, cols: int, batch: int) -> str:
     return ptx
 
 
+def assemble(ptx: str, tmp: str, ptxas: str, nvdisasm: str) -> tuple[str, str]:
+    """``(sm_90 SASS, registers used)`` of a PTX module, through ``ptxas`` and ``nvdisasm``."""
+    ptx_path = os.path.join(tmp, "k.ptx")
+    cubin = os.path.join(tmp, "k.cubin")
+    with open(ptx_path, "w") as f:
+        f.write(ptx)
+    info = subprocess.run([ptxas, "-arch=sm_90", "-O3", "-v", ptx_path, "-o", cubin],
+                          capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    return sass, regs.group(1) if regs else "?"
+
+
+def print_probe(tmp: str, ptxas: str, nvdisasm: str) -> None:
+    """The ``--probe`` table (see the module doc)."""
+    from numba import cuda
+    from numba.cuda import types as T
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cuda_mma_probe as probe
+
+    probe.load_cuda()
+    print("# sm_90 SASS of the tensor-core probe's loops, 4096 columns, 8 warps a block")
+    print(f"{'kernel':>7} {'loop':>6} {'instructions':>12} {'HMMA':>5} {'FLO':>4} {'regs':>5}")
+    def arr(dtype, ndim):
+        return T.Array(dtype, ndim, "C")
+
+    for name, mask in (("gather", T.uint16), ("scatter", T.uint32)):
+        sig = (arr(T.float32, 2), arr(T.int32, 1), arr(mask, 1), arr(T.uint16, 1), arr(T.int32, 2), T.int64, T.int64)
+        ptx, _ = cuda.compile_ptx(probe.build(name, False, 8, 4096).py_func, sig, cc=(9, 0))
+        sass, regs = assemble(ptx, tmp, ptxas, nvdisasm)
+        code, labels = _parse(sass)
+        for i, ins in enumerate(code):
+            branch = re.search(r"BRA `\((\.L_x_\d+)\)", ins)
+            if not branch or labels.get(branch.group(1), i + 1) > i:
+                continue
+            hot = _hot_path(code, labels, labels[branch.group(1)], i)
+            hmma = sum("HMMA" in h for h in hot)
+            flo = sum(h.startswith("FLO") for h in hot)
+            if hmma or flo:
+                kind = "mma" if hmma else "walk"
+                print(f"{name:>7} {kind:>6} {len(hot):>12} {hmma:>5} {flo:>4} {regs:>5}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.balance:
@@ -196,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
     dispatcher.get_current_device = lambda: _Hopper()
 
+    if args.probe:
+        with tempfile.TemporaryDirectory() as tmp:
+            print_probe(tmp, args.ptxas, args.nvdisasm)
+        return 0
     args.sparsity = float(args.sparsity)
     print(f"# sm_90 SASS of the bitmask bit walk, batch {args.batch}, sparsity {args.sparsity:.0%}")
     print(f"{'cols':>6} {'design':>6} {'values':>6} {'loop':>5} {'/trip':>5} {'/value':>6} {'LDG':>4} {'LDS':>4} "
@@ -204,15 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         for cols in (int(c) for c in args.cols.split(",")):
             for value_type in args.value_types.split(","):
                 for design in DESIGNS:
-                    ptx_path = os.path.join(tmp, "k.ptx")
-                    cubin = os.path.join(tmp, "k.cubin")
-                    with open(ptx_path, "w") as f:
-                        f.write(compile_ptx(design, value_type, cols, args.batch))
-                    info = subprocess.run([args.ptxas, "-arch=sm_90", "-O3", "-v", ptx_path, "-o", cubin],
-                                          capture_output=True, text=True, check=True).stderr
-                    regs = re.search(r"Used (\d+) registers", info)
-                    sass = subprocess.run([args.nvdisasm, "-c", cubin], capture_output=True, text=True,
-                                          check=True).stdout
+                    sass, regs = assemble(compile_ptx(design, value_type, cols, args.batch), tmp,
+                                          args.ptxas, args.nvdisasm)
                     loop = walk_loop(sass)
                     if loop is None:
                         print(f"{cols:>6} {design:>6} {value_type:>6}  no bit-walk loop found")
@@ -220,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     trips = fullest_lane_trips(design, cols, args.sparsity, args.rows)
                     per_value = loop["loop"] / loop["values"]
                     print(f"{cols:>6} {design:>6} {value_type:>6} {loop['loop']:>5} {loop['values']:>5} "
-                          f"{per_value:>6.1f} {loop['LDG']:>4} {loop['LDS']:>4} {regs.group(1) if regs else '?':>5} "
+                          f"{per_value:>6.1f} {loop['LDG']:>4} {loop['LDS']:>4} {regs:>5} "
                           f"{trips:>7.1f} {per_value * trips:>9.0f}")
     return 0
 
