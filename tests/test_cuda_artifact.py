@@ -192,7 +192,7 @@ _EXPORT = textwrap.dedent(r"""
     w = torch.randn(24, 80)
     w[w.abs() < 0.7] = 0
     layer = CudaLinearKernel.__new__(CudaLinearKernel)  # its spec, without device copies
-    layer._spec = build._bitmask_spec(pack(w, "bitmask", "fp16"), "silu", True, None)
+    layer._spec = build._bitmask_spec(pack(w, "bitmask", "fp16"), "silu", True, None, sys.argv[2] or None)
     section = aot.export_kernels([layer], sys.argv[1], cc=(9, 0), link=False)
     same = [aot.parse_signature(e["signature"]) == aot.launch_argtypes(layer, e["x_dtype"])
             for e in section["kernels"]]
@@ -201,17 +201,35 @@ _EXPORT = textwrap.dedent(r"""
 """)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def _export(folder: Path, design: str = "") -> dict:
+    """Run ``_EXPORT`` for the bitmask ``design`` (``""``: the default) into ``folder``."""
     if NVVM_HOME is None:
         pytest.skip("needs libnvvm and NVRTC: set CUDA_HOME (see test_cuda_kernels_ptx.py)")
-    folder = tmp_path_factory.mktemp("gpu_code") / "kernels"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", CUDA_HOME=NVVM_HOME,
                PYTHONPATH=str(Path(sparsec.__file__).parent.parent))
-    proc = subprocess.run([sys.executable, "-c", _EXPORT, str(folder)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _EXPORT, str(folder), design], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), folder
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpu_code") / "kernels"
+    return _export(folder), folder
+
+
+def test_export_writes_the_tensor_core_design_for_its_two_buckets(tmp_path):
+    out = _export(tmp_path / "kernels", "mma")
+    entries = out["section"]["kernels"]
+    assert out["key"][0] == "bitmask-mma" and out["buckets"] == [8, 16]
+    assert sorted((e["bucket"], e["x_dtype"]) for e in entries) == sorted(
+        (b, dt) for b in (8, 16) for dt in aot.X_DTYPES)
+    assert all(out["signatures_match"])
+    for e in entries:  # x and y in the input's dtype; the mask one 64-bit word a chunk
+        assert e["signature"][:2] == [f"array({e['x_dtype']}, 2d, C)"] * 2
+        assert e["signature"][4] == "array(uint64, 1d, C)"
+        assert "mma.sync.aligned.m16n8k16" in (tmp_path / "kernels" / e["ptx"]).read_text()
 
 
 def test_export_writes_ptx_for_every_bucket_and_input_dtype(exported):
@@ -297,13 +315,15 @@ def _mlp():
 
 @pytest.fixture(scope="module")
 def gpu_artifacts(tmp_path_factory):
-    """Two models compiled for the GPU (bitmask fp16 and int8 kernels), saved; inputs of 3 and
-    21 rows (buckets 4, 16 and a second launch of 8) and the in-memory models' outputs."""
+    """Three models compiled for the GPU (bitmask fp16 and int8 kernels, and fp16 on the tensor-core
+    design), saved; inputs of 3 and 21 rows (buckets 4, 16 and a second launch of 8; the tensor-core
+    design: 8, 16 and 8) and the in-memory models' outputs."""
     if not REAL_GPU:
         pytest.skip("needs an NVIDIA GPU (not the simulator)")
     out = {}
     for name, pipeline in {"fp16": "prune-magnitude{sparsity=0.5},lower-cuda{value_type=fp16}",
-                           "int8": "prune-magnitude{sparsity=0.75},lower-cuda{value_type=int8}"}.items():
+                           "int8": "prune-magnitude{sparsity=0.75},lower-cuda{value_type=int8}",
+                           "mma": "prune-magnitude{sparsity=0.75},lower-cuda{value_type=fp16,design=mma}"}.items():
         model, x = _mlp()
         compiled = sparsec.compile(model, x, pipeline, target="cuda")
         path = tmp_path_factory.mktemp("cuda_art") / name

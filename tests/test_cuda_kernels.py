@@ -35,6 +35,8 @@ from sparsec.codegen.cuda import (  # noqa: E402
 )
 from sparsec.formats import pack  # noqa: E402
 
+MMA_VALUE_TYPES = ("fp16", "int8")  # what the tensor-core design runs (bitmask_mma.VALUE_TYPES)
+
 USABLE, WHY = cuda_available()
 if USABLE:
     from sparsec.codegen.cuda._compat import is_simulator
@@ -72,7 +74,16 @@ def run(kernel, x: torch.Tensor) -> torch.Tensor:
     return kernel(x)
 
 
-def check(y: torch.Tensor, packed, x: torch.Tensor, bias=None, activation=None) -> None:
+def tolerance(design: str | None, cols: int) -> float:
+    """The relative tolerance of a kernel: ``TOL``, except for the tensor-core design on a GPU,
+    whose ``mma`` may truncate where an IEEE add rounds (about one float32 ulp a 16-column step);
+    the simulator emulates it with IEEE arithmetic, so there the tight bound holds."""
+    if design == "mma" and ON_GPU:
+        return TOL * max(1.0, cols / 64)
+    return TOL
+
+
+def check(y: torch.Tensor, packed, x: torch.Tensor, bias=None, activation=None, tol: float = TOL) -> None:
     w = packed.unpack().double()
     xd = x.double()
     pre = xd @ w.T
@@ -80,7 +91,7 @@ def check(y: torch.Tensor, packed, x: torch.Tensor, bias=None, activation=None) 
         pre = pre + bias.double()
     ref = ACTS[activation](pre)
     magnitude = xd.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0.0)
-    bound = TOL * magnitude + 1e-7
+    bound = tol * magnitude + 1e-7
     if y.dtype == torch.float16:
         bound = bound + ref.abs() * 2.0**-11 + 2.0**-24
     assert y.shape == ref.shape
@@ -100,8 +111,14 @@ def test_bitmask_value_types(value_type: str, batch: int, design: str) -> None:
     options = {"group_size": 16} if value_type == "int4" else {}
     packed = pack(w, "bitmask", value_type, **options)
     x = torch.randn(batch, 77, generator=torch.Generator().manual_seed(7))
+    if design == "mma" and value_type not in MMA_VALUE_TYPES:
+        expected = (f"the CUDA bitmask design 'mma' takes fp16 or int8 values, not {value_type}; "
+                    "quantize to one of those or choose design 'lanes'")
+        with pytest.raises(ValueError, match=expected):
+            build_linear_kernel(packed, design=design)
+        return
     kernel = build_linear_kernel(packed, design=design)
-    check(run(kernel, x), packed, x)
+    check(run(kernel, x), packed, x, tol=tolerance(design, 77))
 
 
 @pytest.mark.parametrize("design", ["lanes", "runs"])
@@ -112,7 +129,7 @@ def test_lane_designs_read_fp16_x_by_column(design: str, batch: int) -> None:
     w = sparse_weight(5, 3100, 0.25, seed=batch)
     packed = pack(w, "bitmask", "fp16")
     kernel = build_linear_kernel(packed, design=design)
-    assert kernel.takes_x_by_column(batch)
+    assert kernel.x_layout_for(batch) == "by-column"
     x = torch.randn(batch, 3100, generator=torch.Generator().manual_seed(batch)).half()
     y = run(kernel, x)
     assert y.dtype == torch.float16
@@ -183,7 +200,7 @@ def test_row_run_layout_pads_lane_runs_of_the_stored_values(value_type: str) -> 
 
 def test_unknown_bitmask_design_is_refused() -> None:
     packed = pack(sparse_weight(4, 16, 0.5, seed=1), "bitmask", "fp16")
-    expected = "unknown bitmask kernel design 'fast'; choose one of lanes, runs, tiles"
+    expected = "unknown bitmask kernel design 'fast'; choose one of lanes, runs, tiles, mma"
     with pytest.raises(ValueError, match=expected):
         build_linear_kernel(packed, design="fast")
 
@@ -207,15 +224,19 @@ def test_bitmask_several_tiles_and_int8_bias() -> None:
     check(run(build_linear_kernel(packed, bias=bias), x), packed, x, bias)
 
 
-@pytest.mark.parametrize("fmt", ["bitmask", "bitmask-runs", "bitmask-tiles", "nm"])
+@pytest.mark.parametrize("fmt", ["bitmask", "bitmask-runs", "bitmask-tiles", "bitmask-mma", "nm"])
 @pytest.mark.parametrize("warps", [1, 3, 8])
 def test_rows_per_block_is_a_tuning_knob_that_keeps_results(fmt: str, warps: int) -> None:
     # 10 rows: a partial last block for every block size; 2100 columns: two or three tiles
-    w = sparse_weight(10, 2100, 0.3, seed=warps) if fmt != "nm" else nm_weight(10, 2100, 2, 4, seed=warps)
-    packed = pack(w, fmt.split("-")[0], "fp16", **({"n": 2, "m": 4} if fmt == "nm" else {}))
-    x = torch.randn(2, 2100, generator=torch.Generator().manual_seed(warps))
+    # (mma: warps are column slices; 1100 columns, 18 chunks split 1, 3 or 8 ways, as slow a
+    # walk for one warp on the simulator as it gets)
     design = fmt.split("-")[1] if fmt.startswith("bitmask-") else None
-    check(run(build_linear_kernel(packed, warps_per_block=warps, design=design), x), packed, x)
+    cols = 1100 if design == "mma" else 2100
+    w = sparse_weight(10, cols, 0.3, seed=warps) if fmt != "nm" else nm_weight(10, cols, 2, 4, seed=warps)
+    packed = pack(w, fmt.split("-")[0], "fp16", **({"n": 2, "m": 4} if fmt == "nm" else {}))
+    x = torch.randn(2, cols, generator=torch.Generator().manual_seed(warps))
+    kernel = build_linear_kernel(packed, warps_per_block=warps, design=design)
+    check(run(kernel, x), packed, x, tol=tolerance(design, cols))
 
 
 def test_rows_per_block_outside_its_range_is_refused() -> None:
@@ -264,11 +285,13 @@ def test_numpy_input_gives_numpy_output() -> None:
     design=st.sampled_from(BITMASK_DESIGNS),
 )
 def test_bitmask_random_shapes(rows, cols, density, value_type, batch, seed, design) -> None:
+    if design == "mma" and value_type not in MMA_VALUE_TYPES:
+        value_type = "fp16"  # the types it refuses are checked in test_bitmask_value_types
     w = sparse_weight(rows, cols, density, seed)
     options = {"group_size": 8} if value_type == "int4" else {}
     packed = pack(w, "bitmask", value_type, **options)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed + 1))
-    check(run(build_linear_kernel(packed, design=design), x), packed, x)
+    check(run(build_linear_kernel(packed, design=design), x), packed, x, tol=tolerance(design, cols))
 
 
 def nm_weight(rows: int, cols: int, n: int, m: int, seed: int) -> torch.Tensor:
@@ -306,14 +329,80 @@ def test_nm_other_patterns(n: int, m: int, value_type: str) -> None:
 
 
 @pytest.mark.parametrize("shape", [(0, 8), (3, 0), (2, 8)])
-@pytest.mark.parametrize("fmt", ["bitmask", "nm"])
+@pytest.mark.parametrize("fmt", ["bitmask", "bitmask-mma", "nm"])
 def test_degenerate_layers_give_activation_of_bias(shape, fmt) -> None:
     # No rows, no columns, or an all-zero weight: y = act(bias) exactly, shape [batch, rows].
     bias = torch.linspace(-1.0, 1.0, shape[0])
-    kernel = build_linear_kernel(pack(torch.zeros(shape), fmt, "int4"), bias=bias, activation="relu")
+    mma = fmt == "bitmask-mma"
+    packed = pack(torch.zeros(shape), fmt.split("-")[0], "int8" if mma else "int4")
+    kernel = build_linear_kernel(packed, bias=bias, activation="relu", design="mma" if mma else None)
     y = run(kernel, torch.randn(2, shape[1]))
     assert y.shape == (2, shape[0])
     assert torch.equal(y, torch.relu(bias).expand(2, -1))
+
+
+# -- the tensor-core design --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value_type", "x_dtype"), [
+    ("fp16", torch.float16), ("fp16", torch.float32), ("int8", torch.float32),
+])
+@pytest.mark.parametrize(("rows", "cols", "batch"), [
+    (17, 200, 16),  # two row tiles, the second partial; a partial last chunk (x loads clamped)
+    (16, 576, 9),  # 9 chunks in 5 slices of 2: one whole padding chunk; bucket 16, 9 rows used
+    (5, 256, 8),  # whole chunks (x in 16-byte loads on a GPU), bucket 8: one mma a step
+    (3, 77, 1),  # odd columns: x element by element
+])
+def test_mma_design(value_type: str, x_dtype: torch.dtype, rows: int, cols: int, batch: int) -> None:
+    w = sparse_weight(rows, cols, 0.3, seed=rows + cols)
+    packed = pack(w, "bitmask", value_type)
+    bias = torch.randn(rows, generator=torch.Generator().manual_seed(cols))
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch)).to(x_dtype)
+    kernel = build_linear_kernel(packed, bias=bias, activation="silu", design="mma")
+    y = run(kernel, x)
+    assert y.dtype == x_dtype and y.shape == (batch, rows)
+    check(y, packed, x, bias, "silu", tol=tolerance("mma", cols))
+
+
+def test_mma_design_keeps_float32_x_to_float32_accuracy() -> None:
+    # float32 x enters the fp16 mma as hi + lo parts. With hi alone (x rounded to fp16) the
+    # error would be about 2^-12 of each product: the same bound must then fail, so the test
+    # can tell the two apart.
+    w = sparse_weight(16, 512, 0.5, seed=31)
+    packed = pack(w, "bitmask", "fp16")
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(32))
+    check(run(build_linear_kernel(packed, design="mma"), x), packed, x, tol=tolerance("mma", 512))
+    rounded = (x.half().double() @ packed.unpack().double().T).float()
+    with pytest.raises(AssertionError, match="max error"):
+        check(rounded, packed, x, tol=tolerance("mma", 512))
+
+
+def test_mma_layout_keeps_the_stored_bits_values_and_order() -> None:
+    from sparsec.codegen.cuda import bitmask_mma
+
+    w = sparse_weight(20, 200, 0.3, seed=41)
+    packed = pack(w, "bitmask", "int8")
+    a = packed.arrays()
+    slices, per_slice = bitmask_mma.column_slices(200, 8)
+    assert (slices, per_slice) == (4, 1)
+    laid = bitmask_mma.prepare_arrays(a.rows, a.cols, "int8", a.values, a.bitmask, a.scales, 8)
+    cols_p = bitmask_mma.padded_cols(200, 8)
+    bits = np.unpackbits(laid.mask.view(np.uint8).reshape(32, cols_p // 8), axis=1, bitorder="little")
+    dense = np.unpackbits(a.bitmask, axis=1, count=200, bitorder="little")
+    assert np.array_equal(bits[:20, :200], dense) and not bits[20:].any() and not bits[:, 200:].any()
+    nnz = int(dense.sum())
+    assert np.array_equal(laid.values, np.asarray(a.values).reshape(-1).view(np.int8)[:nnz])  # stored order
+    counts = bits.reshape(32, slices, cols_p // slices).sum(axis=2)
+    starts = np.concatenate(([0], np.cumsum(counts.reshape(-1))[:-1])).reshape(32, slices)
+    assert np.array_equal(laid.slice_offsets.reshape(32, slices), starts)
+    assert np.array_equal(laid.scales[:, 0], np.asarray(a.scales, dtype=np.float32).reshape(-1))
+
+
+@pytest.mark.parametrize(("cols", "expected"), [(1, (1, 1)), (576, (5, 2)), (4096, (8, 8)), (11008, (8, 22))])
+def test_mma_column_slices_pad_as_little_as_eight_warps_allow(cols: int, expected: tuple[int, int]) -> None:
+    from sparsec.codegen.cuda import bitmask_mma
+
+    assert bitmask_mma.column_slices(cols) == expected
 
 
 # -- bad inputs: one clear error each, nothing modified ------------------------------------------

@@ -5,7 +5,8 @@ vector load intrinsic, bit reinterpretations). This test compiles that path with
 ``sm_90`` without needing a GPU, and checks the PTX: one ``ld.global.v2.u64`` per value load,
 ``shfl.sync`` for the warp collectives, no local memory (accumulators stay in registers) and
 no double-precision instruction; in the lane-word designs at batch 16, ``x`` read a column's
-batch values at a time in 16-byte loads.
+batch values at a time in 16-byte loads; in the tensor-core design, ``mma.sync`` and ``x`` in
+16-byte loads.
 
 It needs libnvvm: set ``CUDA_HOME`` to a CUDA toolkit, or to the ``nvidia/cu13`` folder of the
 ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels unpacked together. Skipped otherwise. The
@@ -48,7 +49,7 @@ class _Hopper:
 
 dispatcher.get_current_device = lambda: _Hopper()
 
-from sparsec.codegen.cuda import bitmask, bitmask_lanes, nm
+from sparsec.codegen.cuda import bitmask, bitmask_lanes, bitmask_mma, nm
 
 def arr(dt, nd):
     return T.Array(dt, nd, "C")
@@ -58,9 +59,14 @@ cases = [("bitmask", vt, b) for vt in ("fp32", "bf16", "fp16", "int8", "int4") f
 cases += [("lanes", vt, b) for vt in ("fp32", "bf16", "fp16", "int8", "int4") for b in (1, 16)]
 cases += [("runs", vt, b) for vt in ("fp16", "int8", "int4") for b in (1, 16)]
 cases += [("nm", vt, b) for vt in ("fp16", "int4") for b in (1, 16)]
+cases += [("mma", vt, b) for vt in ("fp16", "int8") for b in (8, 16)] + [("mma-f32x", "fp16", 16)]
 for fmt, vt, batch in cases:
-    X = arr(T.float16, 2)
-    if fmt == "bitmask":
+    X = arr(T.float32 if fmt == "mma-f32x" else T.float16, 2)
+    if fmt.startswith("mma"):
+        k = bitmask_mma.make_kernel(vt, 4096, batch, "silu", True)
+        sig = (X, X, T.int64, T.int64, arr(T.uint64, 1), arr(T.uint16 if vt == "fp16" else T.int8, 1),
+               arr(T.int32, 1), arr(T.float32, 2), arr(T.float32, 1))
+    elif fmt == "bitmask":
         k = bitmask.make_kernel(vt, 4096, batch, "silu", True, 128)
         sig = (X, X, T.int64, T.int64, arr(T.uint64, 2), arr(T.uint64, 1), arr(T.int64, 1),
                arr(T.float32, 2), arr(T.float32, 1))
@@ -81,7 +87,9 @@ for fmt, vt, batch in cases:
     out.append(dict(fmt=fmt, vt=vt, batch=batch, v2=count(r"ld\.global\.v2\.u64"),
                     shfl=count(r"shfl\.sync"), local=count(r"\.local"), f64=count(r"\.f64"),
                     lds=count(r"ld\.shared\.f32"), u64=count(r"\.[us]64\s"),
-                    v4=count(r"ld\.global\.v4\.b32"), u16=count(r"ld\.global\.u16"),
+                    v4=count(r"ld\.global\.v4\.[ub]32"), u16=count(r"ld\.global\.u16"),
+                    mma=count(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.f16\.f16\.f32"),
+                    v4f=count(r"ld\.global\.v4\.f32"), st16=count(r"st\.shared\.[ub]16"),
                     target="sm_90" in ptx, lto=k.targetoptions.get("lto")))
 print(json.dumps(out))
 """
@@ -95,10 +103,23 @@ def test_kernels_compile_to_sm90_ptx() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 30
+    assert len(results) == 35
     for r in results:
         name = f"{r['fmt']}/{r['vt']}/batch {r['batch']}"
         assert r["target"], name
+        if r["fmt"].startswith("mma"):
+            # tensor cores: an mma.sync a 16-column step and 8-row batch half (4 steps a chunk;
+            # the float32-x kernel twice, hi and lo), the tile filled by 2-byte shared stores,
+            # a lane's 16 columns of x in 16-byte loads (fp16: 2 a half, float32: 4)
+            halves = 1 if r["batch"] == 8 else 2
+            assert r["mma"] >= 4 * halves * (2 if r["fmt"] == "mma-f32x" else 1), f"{name}: {r['mma']} mma.sync"
+            assert r["st16"] >= 1, f"{name}: the tile is not written with 2-byte shared stores"
+            if r["fmt"] == "mma-f32x":
+                assert r["v4f"] >= 4, f"{name}: x is not read in 16-byte loads"
+            else:
+                assert r["v4"] >= 2 * halves, f"{name}: x is not read in 16-byte loads"
+            assert r["local"] == 0 and r["f64"] == 0 and r["lto"] is False, name
+            continue
         if r["fmt"] in ("lanes", "runs"):
             # batch 1 keeps x in shared memory (4096 float32), batch 16 cannot (256 KiB)
             assert (r["lds"] >= 1) == (r["batch"] == 1), f"{name}: x staging is not as designed"

@@ -120,7 +120,7 @@ def test_compile_for_cuda_matches_eager_on_the_same_weights(pipeline, formats):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model is untouched
 
 
-@pytest.mark.parametrize("design", ["runs", "tiles"])
+@pytest.mark.parametrize("design", ["runs", "tiles", "mma"])
 def test_lower_cuda_design_picks_the_bitmask_kernel(design):
     model, x = _small_mlp()
     pipeline = f"prune-magnitude{{sparsity=0.5}},lower-cuda{{value_type=fp16,design={design}}}"
@@ -128,7 +128,7 @@ def test_lower_cuda_design_picks_the_bitmask_kernel(design):
     assert f"design={design}" in compiled.pipeline  # the option prints back, so the run can be repeated
     layers = compiled.kernels()
     assert layers and all(k.design == design for k in layers)
-    kernel_name = {"runs": "bitmask-runs", "tiles": "bitmask"}[design]  # the warp-tile kernel keeps its old key
+    kernel_name = {"runs": "bitmask-runs", "tiles": "bitmask", "mma": "bitmask-mma"}[design]  # tiles: its old key
     assert all(k.kernel._spec.cache_key[0] == kernel_name for k in layers)
     default = sparsec.compile(model, x, "prune-magnitude{sparsity=0.5},lower-cuda{value_type=fp16}", target="cuda")
     with torch.no_grad():
@@ -147,7 +147,23 @@ def test_an_unknown_lower_cuda_design_is_refused_in_one_line():
     with pytest.raises(Exception) as info:
         sparsec.compile(model, x, "lower-cuda{design=fast}", target="cuda")
     message = str(info.value)
-    assert "\n" not in message and "unknown design 'fast'" in message and "lanes, runs, tiles" in message
+    assert "\n" not in message and "unknown design 'fast'" in message and "lanes, runs, tiles, mma" in message
+
+
+@pytest.mark.parametrize(("pipeline", "says"), [
+    ("prune-magnitude{sparsity=0.5},lower-cuda{design=mma,value_type=bf16}",
+     "design mma runs fp16 or int8 values, not bf16"),
+    # the default value type of a pruned layer is fp32: the message names the layer and the fix
+    ("prune-magnitude{sparsity=0.5},lower-cuda{design=mma}", "but layer 0 would get fp32; add value_type=fp16"),
+])
+def test_the_mma_design_refuses_values_it_cannot_run_in_one_line(pipeline, says):
+    model, x = _small_mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(Exception) as info:
+        sparsec.compile(model, x, pipeline, target="cuda")
+    message = str(info.value)
+    assert "\n" not in message and says in message, message
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the model saves (tests/test_cuda_artifact.py)")

@@ -125,7 +125,9 @@ class LowerCpu(_Lower):
 
 #: The CUDA bitmask kernel designs ``lower-cuda{design=...}`` accepts; the same names as
 #: ``sparsec.codegen.cuda.BITMASK_DESIGNS`` (a test keeps them equal: passes do not import codegen).
-CUDA_BITMASK_DESIGNS: tuple[str, ...] = ("lanes", "runs", "tiles")
+CUDA_BITMASK_DESIGNS: tuple[str, ...] = ("lanes", "runs", "tiles", "mma")
+#: Value types the ``mma`` design runs (``sparsec.codegen.cuda.bitmask_mma.VALUE_TYPES``).
+MMA_VALUE_TYPES: tuple[str, ...] = ("fp16", "int8")
 
 
 @register_pass
@@ -149,6 +151,17 @@ class LowerCuda(_Lower):
         if self.design != "auto" and self.design not in CUDA_BITMASK_DESIGNS:
             raise PassOptionError(f"{self.name}: unknown design {self.design!r}; "
                                   f"use auto or one of {', '.join(CUDA_BITMASK_DESIGNS)}")
+        if self.design == "mma" and self.value_type not in ("auto",) + MMA_VALUE_TYPES:
+            raise PassOptionError(f"{self.name}: design mma runs {' or '.join(MMA_VALUE_TYPES)} values, "
+                                  f"not {self.value_type}; set value_type to one of those or choose another design")
+
+    def _choose(self, node: fx.Node) -> tuple[str, str, int]:
+        fmt, vt, group = super()._choose(node)
+        if self.design == "mma" and fmt == "bitmask" and vt not in MMA_VALUE_TYPES:
+            raise PassOptionError(f"{self.name}: design mma runs {' or '.join(MMA_VALUE_TYPES)} values, but layer "
+                                  f"{node.meta[meta.LAYER].name} would get {vt}; add value_type=fp16 (or quantize "
+                                  "to 8 bits)")
+        return fmt, vt, group
 
     def _kernel_options(self, fmt: str) -> dict:
         return {"design": self.design} if self.design != "auto" and fmt == "bitmask" else {}

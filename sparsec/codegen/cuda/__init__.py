@@ -41,7 +41,7 @@ __all__ = [
 KERNEL_FORMATS: tuple[str, ...] = ("bitmask", "nm", "dense")
 
 #: Designs of the bitmask kernel; the first is the default (see ``build_linear_kernel``).
-BITMASK_DESIGNS: tuple[str, ...] = ("lanes", "runs", "tiles")
+BITMASK_DESIGNS: tuple[str, ...] = ("lanes", "runs", "tiles", "mma")
 
 #: Activations the epilogue can fuse (``None``: none).
 ACTIVATION_NAMES: tuple[str, ...] = ("relu", "gelu", "gelu_tanh", "silu")
@@ -111,9 +111,11 @@ def build_linear_kernel(
     bitmask ``lanes`` design, 4 otherwise), a tuning knob that ``benchmarks/gpu_kernels.py
     --warps`` sweeps. ``design`` picks the bitmask kernel: ``"lanes"`` (default: ``x`` staged in
     shared memory, each lane walks its own transposed mask word), ``"runs"`` (the same, each lane
-    walking all of its row's words in one loop: less lane imbalance, one scan a row) or
-    ``"tiles"`` (values split evenly over a warp through a shared column list); other formats
-    ignore it.
+    walking all of its row's words in one loop: less lane imbalance, one scan a row),
+    ``"tiles"`` (values split evenly over a warp through a shared column list) or ``"mma"``
+    (tensor cores on fp16 tiles expanded from the mask, for batches of several rows; fp16 and
+    int8 values only; ``warps_per_block`` is then its most column slices); other formats ignore
+    it.
 
     Raises :class:`CudaUnavailableError` when there is no usable GPU (and no simulator),
     ``ValueError``/``TypeError`` for an unsupported format, value type, activation or a bias of

@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from sparsec.codegen.cuda.device import (
     WARP,
@@ -61,6 +62,14 @@ def padded_cols(cols: int) -> int:
 def stages_x(cols: int, batch: int) -> bool:
     """Whether a kernel for ``cols`` and batch bucket ``batch`` keeps ``x`` in shared memory."""
     return batch * padded_cols(cols) * 4 <= X_STAGE_BYTES
+
+
+def x_by_column(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x [m, cols]`` as ``[cols, batch]`` zero-padded past ``m``: the layout of the buckets
+    that do not stage ``x`` (see :func:`make_add_x`)."""
+    by_col = x.new_zeros((x.shape[1], batch))
+    by_col[:, : x.shape[0]] = x.T
+    return by_col
 
 
 def shared_bytes(cols: int, batch: int, warps: int) -> int:

@@ -10,6 +10,7 @@ import torch
 from sparsec.codegen.cuda import BITMASK_DESIGNS, KERNEL_FORMATS
 from sparsec.codegen.cuda import bitmask as bitmask_kernels
 from sparsec.codegen.cuda import bitmask_lanes as lane_kernels
+from sparsec.codegen.cuda import bitmask_mma as mma_kernels
 from sparsec.codegen.cuda import nm as nm_kernels
 from sparsec.codegen.cuda.dense import DenseCudaLinear
 from sparsec.codegen.cuda.kernel import CudaLinearKernel, KernelSpec
@@ -85,7 +86,37 @@ def _bitmask_lanes_spec(packed: PackedWeight, activation: str | None, has_bias: 
         buckets=BATCH_BUCKETS,
         cache_key=key,
         grid_limit=grid_limit,
-        x_by_column=lambda bucket: not lane_kernels.stages_x(a.cols, bucket),
+        x_layout=lambda bucket: "rows" if lane_kernels.stages_x(a.cols, bucket) else "by-column",
+        pack_x=lane_kernels.x_by_column,
+    )
+
+
+def _bitmask_mma_spec(packed: PackedWeight, activation: str | None, has_bias: bool,
+                      warps: int | None) -> KernelSpec:
+    """The ``mma`` design: tensor cores on fp16 tiles expanded from the mask (fp16, int8 values)."""
+    a = packed.arrays()  # type: ignore[attr-defined]
+    if a.value_type not in mma_kernels.VALUE_TYPES:
+        raise ValueError(f"the CUDA bitmask design 'mma' takes {' or '.join(mma_kernels.VALUE_TYPES)} values, "
+                         f"not {a.value_type}; quantize to one of those or choose design 'lanes'")
+    slices = warps or mma_kernels.MAX_SLICES
+    prepared = mma_kernels.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.scales, slices)
+    used, _ = mma_kernels.column_slices(a.cols, slices)
+    key = ("bitmask-mma", a.value_type, a.cols, activation, has_bias, slices)
+
+    def make(bucket: int):
+        return mma_kernels.make_kernel(a.value_type, a.cols, bucket, activation, has_bias, slices)
+
+    return KernelSpec(
+        format_name="bitmask",
+        value_type=a.value_type,
+        rows=a.rows,
+        cols=a.cols,
+        arrays=(prepared.mask, prepared.values, prepared.slice_offsets, prepared.scales),
+        make=make,
+        rows_per_block=mma_kernels.TILE_ROWS,
+        threads_per_block=32 * used,
+        buckets=mma_kernels.BATCH_BUCKETS,
+        cache_key=key,
     )
 
 
@@ -94,6 +125,8 @@ def _bitmask_spec(packed: PackedWeight, activation: str | None, has_bias: bool, 
     design = design or BITMASK_DESIGNS[0]
     if design in ("lanes", "runs"):
         return _bitmask_lanes_spec(packed, activation, has_bias, warps, design)
+    if design == "mma":
+        return _bitmask_mma_spec(packed, activation, has_bias, warps)
     a = packed.arrays()  # type: ignore[attr-defined]
     arrays = bitmask_kernels.prepare_arrays(
         a.rows, a.cols, a.value_type, a.values, a.bitmask, a.row_offsets, a.scales

@@ -1,13 +1,15 @@
-"""Device helpers every CUDA kernel here uses: warp collectives, wide loads, bit decoding.
+"""Device helpers every CUDA kernel here uses: warp collectives, wide loads, bit decoding,
+the tensor-core ``mma``.
 
 Each helper has two implementations chosen once, when this module is imported:
 
 * on a GPU, warp collectives are shuffles (``shfl.sync``), ``warp_sync`` is ``bar.warp.sync``,
-  ``load_u64x2`` is one 16-byte ``ld.global.v2.u64`` and the bit reinterpretations are LLVM
-  bitcasts (no instructions at all);
+  ``load_u64x2`` is one 16-byte ``ld.global.v2.u64``, ``mma_f16`` is one ``mma.sync`` (inline
+  PTX) and the bit reinterpretations are LLVM bitcasts (no instructions at all);
 * under the CUDA simulator, which has no shuffles, no ``syncwarp`` and runs kernels as Python,
-  warp collectives go through a per-warp shared-memory ``scratch`` row and ``syncthreads``,
-  and the bit reinterpretations go through NumPy views.
+  warp collectives go through a per-warp shared-memory ``scratch`` row and ``syncthreads``
+  (``mma_f16``: two scratch tiles, from the PTX ISA's fragment layout), and the bit
+  reinterpretations go through NumPy views.
 
 Contract shared by both (the simulator path needs it, the shuffle path is correct under it):
 every thread of the *block* calls a collective the same number of times, in the same order,
@@ -46,6 +48,11 @@ def jit_kernel(fn):
 _F32_HALF = np.float32(0.5)
 _F32_ONE = np.float32(1.0)
 _F32_ZERO = np.float32(0.0)
+#: float32 ``x`` enters an fp16 ``mma`` as ``hi = fp16(x)`` and ``lo = fp16((x - hi) * LO_SCALE)``:
+#: the scale keeps ``lo``'s 11 bits out of fp16's subnormals; products of ``lo`` are scaled back.
+LO_SCALE = 2048.0
+#: Elements of ``x`` one ``load_x_run`` reads: a lane's share of a 64-column chunk.
+X_RUN = 16
 _F32_INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
 _F32_SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
 _F32_GELU_C = np.float32(0.044715)
@@ -110,6 +117,75 @@ if SIMULATOR:
             return tuple(np.float32(x[row, k]) for k in range(width))
 
         return load_row
+
+
+    def _half(bits):
+        return np.float32(np.array([int(bits) & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
+
+    @cuda.jit(device=True)
+    def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, lane, sa, sb):
+        """``d = A @ B + c`` on one warp's ``m16n8k16`` fragments (see the GPU version), emulated
+        through the warp's float32 scratch tiles ``sa [16, 16]`` and ``sb [16, 8]``."""
+        g, t = lane // 4, lane % 4
+        k = 2 * t
+        for reg, row, col in ((a0, g, k), (a1, g + 8, k), (a2, g, k + 8), (a3, g + 8, k + 8)):
+            sa[row, col] = _half(reg)
+            sa[row, col + 1] = _half(int(reg) >> 16)
+        for reg, kk in ((b0, k), (b1, k + 8)):
+            sb[kk, g] = _half(reg)
+            sb[kk + 1, g] = _half(int(reg) >> 16)
+        cuda.syncthreads()
+        out = []
+        for row, col, c in ((g, k, c0), (g, k + 1, c1), (g + 8, k, c2), (g + 8, k + 1, c3)):
+            acc = np.float32(c)
+            for kk in range(16):
+                acc = np.float32(acc + sa[row, kk] * sb[kk, col])
+            out.append(acc)
+        cuda.syncthreads()
+        return out[0], out[1], out[2], out[3]
+
+    @cuda.jit(device=True)
+    def store_half(words, start, offset, value):
+        """Bits ``value & 0xFFFF`` into 16-bit element ``start + offset`` of the uint32 or uint64
+        array ``words``."""
+        words.view(np.uint16)[int(start) + int(offset)] = np.uint16(int(value) & 0xFFFF)
+
+    @cuda.jit(device=True)
+    def int_to_half_bits(value):
+        """The fp16 bits (in a uint32) of a small integer (exact for ``|value| <= 2048``)."""
+        return np.uint32(np.array([int(value)], dtype=np.float16).view(np.uint16)[0])
+
+
+    def _half_bits(value) -> int:
+        return int(np.array([value], dtype=np.float16).view(np.uint16)[0])
+
+    def make_load_x_run(cols: int, vector: bool):
+        """Device function ``load_x_run(x, row_start, col)``; see the GPU version."""
+
+        @cuda.jit(device=True)
+        def load_x_run(x, row_start, col):
+            split = x.dtype == np.float32
+            flat = x.reshape(-1)
+            his, los = [], []
+            for p in range(X_RUN // 2):
+                hi = lo = 0
+                for k in range(2):
+                    c = int(col) + 2 * p + k
+                    v = np.float32(flat[int(row_start) + (c if vector else min(c, cols - 1))])
+                    h = np.float16(v)
+                    hi |= _half_bits(h) << (16 * k)
+                    if split:
+                        lo |= _half_bits(np.float16((v - np.float32(h)) * np.float32(LO_SCALE))) << (16 * k)
+                his.append(np.uint32(hi))
+                los.append(np.uint32(lo))
+            return tuple(his + los)
+
+        return load_x_run
+
+    @cuda.jit(device=True)
+    def splits_x(x):
+        """Whether ``x`` is float32 (``load_x_pair`` gives it a ``lo`` part)."""
+        return x.dtype == np.float32
 
 else:
     from llvmlite import ir
@@ -254,6 +330,187 @@ else:
         """The fp16 value whose bits are the low 16 bits of ``bits``, widened to float32."""
         return _u32_half_to_f32(np.uint32(bits))
 
+
+    @intrinsic
+    def _mma_f16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        if any(v != types.uint32 for v in (a0, a1, a2, a3, b0, b1)):
+            return None
+        if any(v != types.float32 for v in (c0, c1, c2, c3)):
+            return None
+        result = types.UniTuple(types.float32, 4)
+
+        def codegen(context, builder, signature, args):
+            f32, i32 = ir.FloatType(), ir.IntType(32)
+            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4)
+            asm = ir.InlineAsm(
+                fnty,
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+                "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                side_effect=False,
+            )
+            out = builder.call(asm, args)
+            return context.make_tuple(builder, result, [builder.extract_value(out, i) for i in range(4)])
+
+        return result(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), codegen
+
+    @intrinsic
+    def _store_half(typingctx, words, start, offset, value):
+        if not (isinstance(words, types.Array) and words.dtype in (types.uint32, types.uint64) and words.ndim == 1):
+            return None
+        if not (isinstance(start, types.Integer) and isinstance(offset, types.Integer) and value == types.uint32):
+            return None
+
+        def codegen(context, builder, signature, args):
+            arrty = signature.args[0]
+            arr = context.make_array(arrty)(context, builder, args[0])
+            i16, i64 = ir.IntType(16), ir.IntType(64)
+            # start and offset widen apart, so the lane's part (start) is computed once
+            start = builder.zext(context.cast(builder, args[1], signature.args[1], types.uint32), i64)
+            offset = builder.zext(context.cast(builder, args[2], signature.args[2], types.uint32), i64)
+            row = builder.gep(builder.bitcast(arr.data, i16.as_pointer()), [start])
+            builder.store(builder.trunc(args[3], i16), builder.gep(row, [offset]))
+            return context.get_dummy_value()
+
+        return types.none(words, start, offset, value), codegen
+
+    @intrinsic
+    def _int_to_half_bits(typingctx, value):
+        if not isinstance(value, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            wide = context.cast(builder, args[0], signature.args[0], types.int32)
+            half = builder.sitofp(wide, ir.HalfType())
+            return builder.zext(builder.bitcast(half, ir.IntType(16)), ir.IntType(32))
+
+        return types.uint32(value), codegen
+
+    @cuda.jit(device=True, inline=True)
+    def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, lane, sa, sb):
+        """``d = A @ B + c`` for one warp: ``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32``.
+
+        ``a0..a3`` (uint32, two fp16 each) are the lane's A fragment of the 16 x 16 tile in the
+        PTX ISA's layout (``g = lane // 4``, ``t = lane % 4``: ``a0`` row ``g`` columns ``2t,
+        2t + 1``; ``a1`` row ``g + 8``; ``a2``/``a3`` the same rows, columns + 8); ``b0``/``b1``
+        its B fragment of the 16 x 8 tile (``b0`` rows ``2t, 2t + 1`` of column ``g``, ``b1``
+        rows + 8); ``c0..c3`` float32 accumulators (``c0``/``c1`` row ``g`` columns ``2t``,
+        ``2t + 1``; ``c2``/``c3`` row ``g + 8``). Returns ``(d0, d1, d2, d3)`` in ``c``'s layout.
+        Every lane of the warp calls it together. ``lane``, ``sa``, ``sb``: the simulator's
+        scratch, unused here."""
+        return _mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+    @cuda.jit(device=True, inline=True)
+    def store_half(words, start, offset, value):
+        """Bits ``value & 0xFFFF`` into 16-bit element ``start + offset`` of the uint32 or uint64
+        array ``words`` (one 2-byte store)."""
+        _store_half(words, start, offset, np.uint32(value))
+
+    @cuda.jit(device=True, inline=True)
+    def int_to_half_bits(value):
+        """The fp16 bits (in a uint32) of a small integer (exact for ``|value| <= 2048``)."""
+        return _int_to_half_bits(value)
+
+    def _pack_halves(builder, first, second):
+        """Two LLVM ``half`` values as one i32: ``first`` in the low 16 bits."""
+        i16, i32 = ir.IntType(16), ir.IntType(32)
+        low = builder.zext(builder.bitcast(first, i16), i32)
+        high = builder.zext(builder.bitcast(second, i16), i32)
+        return builder.or_(low, builder.shl(high, ir.Constant(i32, 16)))
+
+    def _split_halves(builder, values):
+        """float32 ``values`` (two) as ``(hi, lo)`` fp16 pairs, as ``LO_SCALE`` says."""
+        f16, f32 = ir.HalfType(), ir.FloatType()
+        his = [builder.fptrunc(v, f16) for v in values]
+        los = [builder.fptrunc(builder.fmul(builder.fsub(v, builder.fpext(h, f32)), ir.Constant(f32, LO_SCALE)), f16)
+               for v, h in zip(values, his)]
+        return _pack_halves(builder, *his), _pack_halves(builder, *los)
+
+    def make_load_x_run(cols: int, vector: bool):
+        """Device function ``load_x_run(x, row_start, col)``: the ``X_RUN`` (16) elements of a
+        C-contiguous ``x [m, cols]`` (read flat) from ``row_start + col`` on, as a 16-tuple of
+        uint32: 8 fp16 pairs ``hi`` (the first element of a pair in the low half), then 8 pairs
+        ``lo``.
+
+        fp16 ``x``: ``hi`` holds its bits, ``lo`` is 0. float32 ``x``: ``hi = fp16(x)`` and ``lo =
+        fp16((x - hi) * LO_SCALE)``, about 22 bits of ``x`` between them.
+
+        ``vector``: the run lies inside the row and ``row_start + col`` is a multiple of 16
+        elements from a 16-byte aligned base (the caller's guarantee: ``cols`` a multiple of
+        64); it is read in 16-byte loads (two for fp16, four for float32). Otherwise element by
+        element, each column clamped to the row's last (``cols - 1``).
+        """
+        last = cols - 1
+
+        @intrinsic
+        def _load_x_run(typingctx, x, row_start, col):
+            if not (isinstance(x, types.Array) and x.ndim == 2 and x.dtype in (types.float16, types.float32)):
+                return None
+            if not (isinstance(row_start, types.Integer) and isinstance(col, types.Integer)):
+                return None
+            result = types.UniTuple(types.uint32, X_RUN)
+
+            def codegen(context, builder, signature, args):
+                arrty = signature.args[0]
+                arr = context.make_array(arrty)(context, builder, args[0])
+                i32, i64 = ir.IntType(32), ir.IntType(64)
+                half = arrty.dtype == types.float16
+                element = ir.HalfType() if half else ir.FloatType()
+                start = builder.zext(context.cast(builder, args[1], signature.args[1], types.uint32), i64)
+                column = context.cast(builder, args[2], signature.args[2], types.uint32)
+                row = builder.gep(arr.data, [start])
+                if vector:
+                    first = builder.gep(row, [builder.zext(column, i64)])
+                    per_load = 8 if half else 4
+                    # fp16: the words themselves are the pairs (a <8 x half> load would be split
+                    # into 8-byte loads); float32: four floats a load
+                    vec_t = ir.VectorType(i32 if half else element, 4)
+                    words, values = [], []
+                    for k in range(0, X_RUN, per_load):
+                        at = builder.bitcast(builder.gep(first, [ir.Constant(i64, k)]), vec_t.as_pointer())
+                        vec = builder.load(at, align=16)
+                        parts = [builder.extract_element(vec, ir.Constant(i32, j)) for j in range(4)]
+                        (words if half else values).extend(parts)
+                    if half:
+                        return context.make_tuple(builder, result, words + [ir.Constant(i32, 0)] * len(words))
+                else:
+                    values = []
+                    for k in range(X_RUN):
+                        c = builder.add(column, ir.Constant(i32, k))
+                        c = builder.select(builder.icmp_unsigned("<", c, ir.Constant(i32, last)), c,
+                                           ir.Constant(i32, last))
+                        values.append(builder.load(builder.gep(row, [builder.zext(c, i64)])))
+                pairs = [values[k : k + 2] for k in range(0, X_RUN, 2)]
+                if half:
+                    his = [_pack_halves(builder, *pair) for pair in pairs]
+                    los = [ir.Constant(i32, 0)] * len(pairs)
+                else:
+                    his, los = zip(*(_split_halves(builder, pair) for pair in pairs))
+                return context.make_tuple(builder, result, [*his, *los])
+
+            return result(x, row_start, col), codegen
+
+        @cuda.jit(device=True, inline=True)
+        def load_x_run(x, row_start, col):
+            return _load_x_run(x, row_start, col)
+
+        return load_x_run
+
+    @intrinsic
+    def _splits_x(typingctx, x):
+        if not isinstance(x, types.Array):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return ir.Constant(ir.IntType(1), int(signature.args[0].dtype == types.float32))
+
+        return types.boolean(x), codegen
+
+    @cuda.jit(device=True, inline=True)
+    def splits_x(x):
+        """Whether ``x`` is float32 (``load_x_pair`` gives it a ``lo`` part): a compile-time
+        constant, so the branches it guards fold away for fp16 ``x``."""
+        return _splits_x(x)
 
 # ---------------------------------------------------------------------------------------------
 # Activations fused into the epilogue (float32 in, float32 out; constants are float32 so no

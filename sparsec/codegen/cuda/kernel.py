@@ -49,10 +49,18 @@ class KernelSpec:
     #: ``grid_limit(bucket)``: the most blocks worth launching (kernels whose blocks loop over
     #: row groups stop at what the GPU holds at once); ``None``: one block per row group.
     grid_limit: Callable[[int], int] | None = None
-    #: ``x_by_column(bucket)``: whether that bucket's kernel takes ``x`` transposed and padded,
-    #: ``[cols, bucket]`` with zero columns past ``m`` (the batch values of one column side by
-    #: side); ``None``: every bucket takes ``x`` as ``[m, cols]``.
-    x_by_column: Callable[[int], bool] | None = None
+    #: ``x_layout(bucket)``: how that bucket's kernel takes ``x``, one of :data:`X_LAYOUTS`;
+    #: ``None``: every bucket takes ``x`` as given (``"rows"``).
+    x_layout: Callable[[int], str] | None = None
+    #: ``pack_x(x, bucket)``: ``x [m, cols]`` (a torch tensor on the kernel's device, float32 or
+    #: float16) in the bucket's layout, where that is not ``"rows"``; torch ops only, so that
+    #: on a GPU they run on the launch's stream.
+    pack_x: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+
+
+#: How a kernel takes ``x``: ``rows``: ``[m, cols]`` as given; ``by-column``: ``[cols, bucket]``
+#: in ``x``'s dtype, zero-padded past ``m`` (a column's batch values side by side).
+X_LAYOUTS: tuple[str, ...] = ("rows", "by-column")
 
 
 # Compiled kernels are shared by every layer with the same specialization (same format, value
@@ -123,13 +131,13 @@ class CudaLinearKernel:
         """The batch bucket that runs ``m`` (<= 16) rows."""
         return next(b for b in self._spec.buckets if m <= b)
 
-    def takes_x_by_column(self, m: int) -> bool:
-        """Whether a launch for ``m`` rows takes ``x`` as ``[cols, bucket]`` (see :class:`KernelSpec`)."""
-        return self._spec.x_by_column is not None and self._spec.x_by_column(self.bucket_for(m))
+    def x_layout_for(self, m: int) -> str:
+        """How a launch for ``m`` rows takes ``x``: one of :data:`X_LAYOUTS`."""
+        return "rows" if self._spec.x_layout is None else self._spec.x_layout(self.bucket_for(m))
 
     def launch(self, y, x, m: int, stream: Any = 0) -> None:
-        """Run on ``m`` (<= 16) rows: ``y`` ``[m, rows]`` and ``x`` device arrays, ``x`` as
-        ``[m, cols]`` or, where :meth:`takes_x_by_column`, ``[cols, bucket]`` zero-padded."""
+        """Run on ``m`` (<= 16) rows: ``y`` ``[m, rows]`` and ``x`` device arrays, ``x`` in the
+        layout :meth:`x_layout_for` names (``[m, cols]`` for ``"rows"``)."""
         bucket = self.bucket_for(m)
         grid = max(1, math.ceil(self.rows / self._spec.rows_per_block))
         if self._spec.grid_limit is not None:
@@ -177,10 +185,8 @@ class CudaLinearKernel:
             chunk = x2[s : s + self._spec.buckets[-1]]
             out = y2[s : s + chunk.shape[0]]
             m = chunk.shape[0]
-            if self.takes_x_by_column(m):
-                by_col = np.zeros((chunk.shape[1], self.bucket_for(m)), dtype=chunk.dtype)
-                by_col[:, :m] = chunk.T
-                chunk = by_col
+            if self.x_layout_for(m) != "rows":  # the GPU path's torch packing, on the CPU
+                chunk = self._spec.pack_x(torch.from_numpy(chunk), self.bucket_for(m)).numpy()
             self.launch(out, chunk, m)
         return y2.reshape(*lead, self.rows)
 
@@ -202,8 +208,8 @@ class CudaLinearKernel:
             )
         lead = x.shape[:-1]
         x2 = x.detach().reshape(math.prod(lead), self.cols)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        if not x2.is_contiguous() or x2.data_ptr() % 16:  # kernels read x in aligned vector loads
+            x2 = x2.clone(memory_format=torch.contiguous_format)
         m_total = x2.shape[0]
         y2 = torch.empty((m_total, self.rows), dtype=x.dtype, device=x.device)
         if self.rows == 0 or m_total == 0:  # nothing to compute; zero-size arrays have no pointer
@@ -215,10 +221,8 @@ class CudaLinearKernel:
         for s in range(0, m_total, step):
             xs, ys = x2[s : s + step], y2[s : s + step]
             m = xs.shape[0]
-            if self.takes_x_by_column(m):  # two small torch ops on the same stream
-                by_col = xs.new_zeros((xs.shape[1], self.bucket_for(m)))
-                by_col[:, :m] = xs.T
-                xs = by_col
+            if self.x_layout_for(m) != "rows":  # a few small torch ops on the same stream
+                xs = self._spec.pack_x(xs, self.bucket_for(m))
             # sync=False: torch's stream order already covers these tensors, and the default
             # (synchronising the exporter's stream on every call) would stall the CPU.
             self.launch(cuda.as_cuda_array(ys, sync=False), cuda.as_cuda_array(xs, sync=False), m, stream)
