@@ -23,10 +23,15 @@ given sparsity (lanes reconverge after every tile in ``lanes``, once a row in ``
 word in ``runs``, not counted). A trip is counted on its common path: the move to the next
 non-empty mask word (a nested loop, about once a word) is left out.
 
-``--probe`` prints, instead, the loops of the tensor-core probe's kernels
-(``benchmarks/cuda_mma_probe.py``, 4096 columns, 8 warps a block): for each kernel its
-``HMMA`` loop and, in ``scatter``, the walk that fills the shared tile (common-path
-instructions, ``HMMA``/``FLO`` counts).
+``--mma`` prints, instead, the loops of the tensor-core kernels (4096 columns, 8 warps a block):
+the package's ``mma`` design (``sparsec/codegen/cuda/bitmask_mma.py``; no activation or bias,
+as for the bit walks above) for fp16 values with fp16 ``x`` at batch 8 and 16, fp16 values with
+float32 ``x`` and int8 values with fp16 ``x`` at batch 16, then the ``gather`` kernel of
+``benchmarks/cuda_mma_probe.py`` (fp16 values and ``x``, batch 16). A row per loop with ``HMMA``
+or ``FLO`` on its common path: its kind (``mma``: the loop over a slice's chunks, or 16-column
+steps in ``gather``, that issues the ``mma``; ``walk``: the ``mma`` design's bit walk that fills
+a chunk's shared tile), its common-path instructions, their ``HMMA``, ``FLO`` and ``LDG`` counts
+(predicated loads included), and the kernel's registers.
 
 ``--balance`` prints, instead (no compiler needed), how far the fullest lane of a row sits
 above the mean lane: tile by tile (``lanes``), over the row (``runs``), and over the row with
@@ -60,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ptxas", default=shutil.which("ptxas"), help="path of ptxas (default: from PATH)")
     p.add_argument("--nvdisasm", default=shutil.which("nvdisasm"), help="path of nvdisasm (default: from PATH)")
     p.add_argument("--rows", type=int, default=2000, help="random rows for the imbalance estimate")
-    p.add_argument("--probe", action="store_true",
-                   help="count the loops of benchmarks/cuda_mma_probe.py's kernels instead of the bit walks")
+    p.add_argument("--mma", action="store_true",
+                   help="count the loops of the tensor-core kernels (the mma design, the probe's gather) instead")
     p.add_argument("--balance", action="store_true",
                    help="print the lane-imbalance table for --cols and --sparsity (comma-separated here) only")
     return p.parse_args(argv)
@@ -194,23 +199,40 @@ def assemble(ptx: str, tmp: str, ptxas: str, nvdisasm: str) -> tuple[str, str]:
     return sass, regs.group(1) if regs else "?"
 
 
-def print_probe(tmp: str, ptxas: str, nvdisasm: str) -> None:
-    """The ``--probe`` table (see the module doc)."""
+#: ``--mma`` rows of the package's ``mma`` design: (value type, ``x`` dtype, batch bucket).
+MMA_CONFIGS = (("fp16", "fp16", 8), ("fp16", "fp16", 16), ("fp16", "f32", 16), ("int8", "fp16", 16))
+
+
+def print_mma(tmp: str, ptxas: str, nvdisasm: str) -> None:
+    """The ``--mma`` table (see the module doc)."""
     from numba import cuda
     from numba.cuda import types as T
+
+    from sparsec.codegen.cuda import bitmask_mma
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import cuda_mma_probe as probe
 
     probe.load_cuda()
-    print("# sm_90 SASS of the tensor-core probe's loops, 4096 columns, 8 warps a block")
-    print(f"{'kernel':>7} {'loop':>6} {'instructions':>12} {'HMMA':>5} {'FLO':>4} {'regs':>5}")
+
     def arr(dtype, ndim):
         return T.Array(dtype, ndim, "C")
 
-    for name, mask in (("gather", T.uint16), ("scatter", T.uint32)):
-        sig = (arr(T.float32, 2), arr(T.int32, 1), arr(mask, 1), arr(T.uint16, 1), arr(T.int32, 2), T.int64, T.int64)
-        ptx, _ = cuda.compile_ptx(probe.build(name, False, 8, 4096).py_func, sig, cc=(9, 0))
+    kernels = []
+    for value_type, x_type, batch in MMA_CONFIGS:
+        x = arr(T.float16 if x_type == "fp16" else T.float32, 2)
+        values = arr(T.uint16 if value_type == "fp16" else T.int8, 1)
+        sig = (x, x, T.int64, T.int64, arr(T.uint64, 1), values, arr(T.int32, 1), arr(T.float32, 2),
+               arr(T.float32, 1))
+        kernel = bitmask_mma.make_kernel(value_type, 4096, batch, None, False)
+        kernels.append((f"mma {value_type}/{x_type} b{batch}", kernel, sig))
+    sig = (arr(T.float32, 2), arr(T.int32, 1), arr(T.uint16, 1), arr(T.uint16, 1), arr(T.int32, 2), T.int64, T.int64)
+    kernels.append(("gather fp16/fp16 b16", probe.build(8, 4096), sig))
+
+    print("# sm_90 SASS of the tensor-core kernels' loops, 4096 columns, 8 warps a block (values/x, batch)")
+    print(f"{'kernel':>20} {'loop':>5} {'instructions':>12} {'HMMA':>5} {'FLO':>4} {'LDG':>4} {'regs':>5}")
+    for name, kernel, sig in kernels:
+        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
         sass, regs = assemble(ptx, tmp, ptxas, nvdisasm)
         code, labels = _parse(sass)
         for i, ins in enumerate(code):
@@ -220,9 +242,10 @@ def print_probe(tmp: str, ptxas: str, nvdisasm: str) -> None:
             hot = _hot_path(code, labels, labels[branch.group(1)], i)
             hmma = sum("HMMA" in h for h in hot)
             flo = sum(h.startswith("FLO") for h in hot)
+            ldg = sum("LDG" in h for h in hot)
             if hmma or flo:
                 kind = "mma" if hmma else "walk"
-                print(f"{name:>7} {kind:>6} {len(hot):>12} {hmma:>5} {flo:>4} {regs:>5}")
+                print(f"{name:>20} {kind:>5} {len(hot):>12} {hmma:>5} {flo:>4} {ldg:>4} {regs:>5}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dispatcher.get_current_device = lambda: _Hopper()
 
-    if args.probe:
+    if args.mma:
         with tempfile.TemporaryDirectory() as tmp:
-            print_probe(tmp, args.ptxas, args.nvdisasm)
+            print_mma(tmp, args.ptxas, args.nvdisasm)
         return 0
     args.sparsity = float(args.sparsity)
     print(f"# sm_90 SASS of the bitmask bit walk, batch {args.batch}, sparsity {args.sparsity:.0%}")

@@ -102,8 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated rows (warps) per block to compare, 1-8, or 'default' (each "
                         "design's own: 8 for lanes, 4 for tiles and nm)")
     p.add_argument("--designs", default="lanes",
-                   help="comma-separated bitmask kernel designs to compare: lanes, runs, tiles "
-                        "(default: %(default)s)")
+                   help="comma-separated bitmask kernel designs to compare: lanes, runs, tiles, mma "
+                        "(default: %(default)s; mma runs fp16 and int8 values only, and is skipped for "
+                        "others)")
     p.add_argument("--repeats", type=int, default=15, help="timed blocks per measurement (median taken)")
     p.add_argument("--block", type=int, default=40, help="launches per timed block")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -200,6 +201,14 @@ def pack_for(pack, w, sparsity, value_type: str, group: int):
         n, m = (int(v) for v in sparsity.split(":"))
         return pack(w, "nm", value_type, n=n, m=m, **options)
     return pack(w, "bitmask", value_type, **options)
+
+
+def designs_for(designs: list[str], packed) -> list[str]:
+    """The bitmask designs of ``designs`` that run ``packed`` (``["-"]``, the format's one kernel,
+    for other formats): the tensor-core design runs fp16 and int8 values only."""
+    if packed.format_name != "bitmask":
+        return ["-"]
+    return [d for d in designs if d != "mma" or packed.value_type in ("fp16", "int8")]
 
 
 def check_output(torch, y, x, w_ref) -> float:
@@ -358,7 +367,7 @@ def run_gpu(args, grid) -> list[Row]:
                 packed = pack_for(pack, w, sparsity, vt, INT4_GROUP)
                 w_ref = packed.unpack().to("cuda", torch.float64)
                 n_ours = max(2, math.ceil(4 * l2 / packed.nbytes()))
-                designs = args.design_list if packed.format_name == "bitmask" else ["-"]
+                designs = designs_for(args.design_list, packed)
                 configs = [(d, wp, b) for d in designs for wp in args.warp_list for b in grid["batches"]]
                 for design, warps, batch in configs:
                     if batch == grid["batches"][0]:
@@ -413,7 +422,7 @@ def run_simulated(args, grid) -> list[Row]:
             for vt in grid["value_types"]:
                 packed = pack_for(pack, w, sparsity, vt, 32)
                 w_ref = packed.unpack().double()
-                designs = args.design_list if packed.format_name == "bitmask" else ["-"]
+                designs = designs_for(args.design_list, packed)
                 configs = [(d, wp, b) for d in designs for wp in args.warp_list for b in grid["batches"]]
                 for design, warps, batch in configs:
                     kernel = build_linear_kernel(packed, warps_per_block=warps,
@@ -478,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         grid["batches"] = [int(b) for b in args.batches.split(",")]
     args.warp_list = [None] if args.warps == "default" else [int(w) for w in args.warps.split(",")]
     args.design_list = args.designs.split(",")
+    from sparsec.codegen.cuda import BITMASK_DESIGNS  # imports no numba
+
+    unknown = [d for d in args.design_list if d not in BITMASK_DESIGNS]
+    if unknown:
+        print(f"--designs: unknown {', '.join(unknown)}; choose from {', '.join(BITMASK_DESIGNS)}", file=sys.stderr)
+        return 2
     if args.simulate:
         print("CUDA simulator: outputs are checked, times are Python's and mean nothing about a GPU")
         print(HEADER)

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.75)
     p.add_argument("--value-type", default="fp16", choices=["fp32", "bf16", "fp16", "int8", "int4"])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--design", default="lanes", choices=["lanes", "runs", "tiles"])
+    p.add_argument("--design", default="lanes", choices=["lanes", "runs", "tiles", "mma"])
     p.add_argument("--warps", type=int, default=None, help="rows (warps) per block (default: the design's)")
     p.add_argument("--stage-x", default="auto", choices=["auto", "off"],
                    help="lanes only: 'off' reads x from global memory even where it fits in shared memory")

@@ -2,8 +2,8 @@
 # Everything sparsec checks and times on a GPU, in as few device calls as possible.
 #
 #   bash benchmarks/gpu_session.sh kernels   # environment, CUDA kernel tests on the GPU, the tensor-core
-#                                            # probe, kernel benchmark (lanes and runs designs at 75%),
-#                                            # Nsight Compute on one launch where counters exist
+#                                            # probe, kernel benchmark (lanes, runs and mma designs at
+#                                            # 75%), Nsight Compute on one launch where counters exist
 #                                            # (sections, then the counters that say what bounds the walk)
 #   bash benchmarks/gpu_session.sh profile   # Nsight Compute on the bitmask kernels (needs hardware
 #                                            # counters: Firecracker machines have them, gVisor ones not)
@@ -60,20 +60,20 @@ print(sys.version.split()[0], \"numpy\", numpy.__version__, \"torch\", torch.__v
       \"numba-cuda\", v(\"numba-cuda\"), \"transformers\", transformers.__version__)
 from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda_available())"'
     # The kernel tests (every design); the artifact and target tests run in e2e mode. The default
-    # limits (60 + 140 + 75 + 170 + 2 x (50 + 40)) sum to 625 s; a device call may run 600, but
-    # the env step takes seconds, not its minute.
-    step tests "${TESTS_LIMIT:-140}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
-    # Tensor cores at batch 16 (docs/performance.md): both probe kernels against cuBLAS, 75%, 8
-    # warps a block (each shape and kernel compiles once: a few seconds each).
-    step mma_probe "${PROBE_LIMIT:-75}" $PY benchmarks/cuda_mma_probe.py --slices 8
-    step bench75 "${BENCH_LIMIT:-170}" $PY benchmarks/gpu_kernels.py --sparsities 0.75 --batches 1,16 \
-      --designs "${DESIGNS:-lanes,runs}" --json "$OUT/gpu_kernels_75.json"
+    # limits (60 + 150 + 40 + 180 + 2 x (45 + 35)) sum to 590 s, under a device call's 600 (and
+    # the env step takes seconds, not its minute).
+    step tests "${TESTS_LIMIT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
+    # Tensor cores at batch 16 (docs/performance.md): the probe's gather way of building the A
+    # fragments against cuBLAS, 75%, 8 warps a block; the scatter way is the mma design, in bench75.
+    step mma_probe "${PROBE_LIMIT:-40}" $PY benchmarks/cuda_mma_probe.py --slices 8
+    step bench75 "${BENCH_LIMIT:-180}" $PY benchmarks/gpu_kernels.py --sparsities 0.75 --batches 1,16 \
+      --designs "${DESIGNS:-mma,lanes,runs}" --json "$OUT/gpu_kernels_75.json"
     step bench "${BENCH2_LIMIT:-0}" $PY benchmarks/gpu_kernels.py --sparsities 0.5,0.9,2:4 \
       --shapes 11008x4096,4096x11008 --batches 1,16 --json "$OUT/gpu_kernels_other.json"
     step tune "${TUNE_LIMIT:-0}" $PY benchmarks/gpu_kernels.py --shapes 11008x4096,4096x11008 \
       --sparsities 0.75 --batches 1 --warps 4,8 --json "$OUT/gpu_tune.json"
     # Hardware counters where the machine exposes them (Firecracker yes, gVisor no): one launch
-    # of each design named in PROFILE_DESIGNS, fp16, 11008x4096 at 75%. --kernel-name keeps
+    # of each DESIGN:BATCH named in PROFILE_CASES, fp16, 11008x4096 at 75%. --kernel-name keeps
     # torch's own kernels out of the count (unfiltered, the skipped launches were torch's).
     # The metrics decide what bounds the walk (docs/performance.md, "What the next GPU run must
     # decide"): issue slots (issue_active near 100%), waits on loads (long_scoreboard stalls
@@ -89,14 +89,16 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
     metrics=$metrics,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum
     metrics=$metrics,l1tex__m_xbar2l1tex_read_bytes.sum,dram__bytes_read.sum,gpu__time_duration.sum
     # The named metrics run as a step of their own: a name this ncu does not know fails only it.
-    for design in ${PROFILE_DESIGNS:-lanes runs}; do
-      step "ncu_$design" "${PROFILE_LIMIT:-50}" ncu --clock-control none --kernel-name regex:bitmask \
+    for case in ${PROFILE_CASES:-lanes:1 mma:16}; do
+      design=${case%%:*} batch=${case##*:}
+      step "ncu_${design}_b$batch" "${PROFILE_LIMIT:-45}" ncu --clock-control none --kernel-name regex:bitmask \
         --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-        --section MemoryWorkloadAnalysis $PY benchmarks/gpu_profile.py --design "$design" --value-type fp16
-      step "ncu_metrics_$design" "${METRICS_LIMIT:-40}" ncu --clock-control none --kernel-name regex:bitmask \
-        --launch-skip 2 --launch-count 1 --metrics "$metrics" \
-        $PY benchmarks/gpu_profile.py --design "$design" --value-type fp16
+        --section MemoryWorkloadAnalysis $PY benchmarks/gpu_profile.py --design "$design" --value-type fp16 \
+        --batch "$batch"
+      step "ncu_metrics_${design}_b$batch" "${METRICS_LIMIT:-35}" ncu --clock-control none \
+        --kernel-name regex:bitmask --launch-skip 2 --launch-count 1 --metrics "$metrics" \
+        $PY benchmarks/gpu_profile.py --design "$design" --value-type fp16 --batch "$batch"
     done
     ;;
   profile)
