@@ -398,6 +398,22 @@ def test_mma_layout_keeps_the_stored_bits_values_and_order() -> None:
     assert np.array_equal(laid.scales[:, 0], np.asarray(a.scales, dtype=np.float32).reshape(-1))
 
 
+@pytest.mark.skipif(ON_GPU, reason="stands in a pre-Ampere GPU for the simulator")
+def test_mma_design_refuses_a_gpu_without_its_mma_in_one_line(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from sparsec.codegen.cuda import device
+
+    turing = SimpleNamespace(name="Tesla T4", compute_capability=(7, 5))
+    monkeypatch.setattr(device, "SIMULATOR", False)
+    monkeypatch.setattr(device, "cuda", SimpleNamespace(get_current_device=lambda: turing))
+    packed = pack(sparse_weight(4, 64, 0.5, seed=1), "bitmask", "fp16")
+    expected = ("the CUDA bitmask design 'mma' needs compute capability 8.0 or newer; the GPU Tesla T4 has "
+                "7.5: choose design 'lanes'")
+    with pytest.raises(ValueError, match=expected):
+        build_linear_kernel(packed, design="mma")
+
+
 @pytest.mark.parametrize(("cols", "expected"), [(1, (1, 1)), (576, (5, 2)), (4096, (8, 8)), (11008, (8, 22))])
 def test_mma_column_slices_pad_as_little_as_eight_warps_allow(cols: int, expected: tuple[int, int]) -> None:
     from sparsec.codegen.cuda import bitmask_mma

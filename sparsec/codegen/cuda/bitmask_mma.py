@@ -69,6 +69,8 @@ from sparsec.codegen.cuda.device import (
 
 #: Value types this design serves.
 VALUE_TYPES: tuple[str, ...] = ("fp16", "int8")
+#: ``mma.sync.m16n8k16`` with fp16 inputs came with Ampere.
+MIN_COMPUTE_CAPABILITY = (8, 0)
 #: Columns a lane pair expands at a time (two 32-bit mask words a row).
 CHUNK_COLS = 64
 #: Rows of the weight a block computes (the ``mma`` tile's M).

@@ -98,6 +98,15 @@ def _bitmask_mma_spec(packed: PackedWeight, activation: str | None, has_bias: bo
     if a.value_type not in mma_kernels.VALUE_TYPES:
         raise ValueError(f"the CUDA bitmask design 'mma' takes {' or '.join(mma_kernels.VALUE_TYPES)} values, "
                          f"not {a.value_type}; quantize to one of those or choose design 'lanes'")
+    from sparsec.codegen.cuda.device import SIMULATOR, cuda
+
+    if not SIMULATOR:  # mma.sync.m16n8k16 is Ampere's
+        dev = cuda.get_current_device()
+        cc = tuple(dev.compute_capability)
+        if cc < mma_kernels.MIN_COMPUTE_CAPABILITY:
+            need = ".".join(map(str, mma_kernels.MIN_COMPUTE_CAPABILITY))
+            raise ValueError(f"the CUDA bitmask design 'mma' needs compute capability {need} or newer; the GPU "
+                             f"{dev.name} has {cc[0]}.{cc[1]}: choose design 'lanes'")
     slices = warps or mma_kernels.MAX_SLICES
     prepared = mma_kernels.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.scales, slices)
     used, _ = mma_kernels.column_slices(a.cols, slices)
