@@ -400,13 +400,9 @@ def test_mma_layout_keeps_the_stored_bits_values_and_order() -> None:
 
 @pytest.mark.skipif(ON_GPU, reason="stands in a pre-Ampere GPU for the simulator")
 def test_mma_design_refuses_a_gpu_without_its_mma_in_one_line(monkeypatch) -> None:
-    from types import SimpleNamespace
+    from sparsec.codegen.cuda import build
 
-    from sparsec.codegen.cuda import device
-
-    turing = SimpleNamespace(name="Tesla T4", compute_capability=(7, 5))
-    monkeypatch.setattr(device, "SIMULATOR", False)
-    monkeypatch.setattr(device, "cuda", SimpleNamespace(get_current_device=lambda: turing))
+    monkeypatch.setattr(build, "_current_gpu", lambda: ("Tesla T4", (7, 5)))
     packed = pack(sparse_weight(4, 64, 0.5, seed=1), "bitmask", "fp16")
     expected = ("the CUDA bitmask design 'mma' needs compute capability 8.0 or newer; the GPU Tesla T4 has "
                 "7.5: choose design 'lanes'")

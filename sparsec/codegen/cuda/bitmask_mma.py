@@ -71,7 +71,7 @@ from sparsec.codegen.cuda.device import (
 VALUE_TYPES: tuple[str, ...] = ("fp16", "int8")
 #: ``mma.sync.m16n8k16`` with fp16 inputs came with Ampere.
 MIN_COMPUTE_CAPABILITY = (8, 0)
-#: Columns a lane pair expands at a time (two 32-bit mask words a row).
+#: Columns a block's warp expands at a time: one 64-bit mask word a row, half of it a lane.
 CHUNK_COLS = 64
 #: Rows of the weight a block computes (the ``mma`` tile's M).
 TILE_ROWS = 16
@@ -97,12 +97,6 @@ def padded_cols(cols: int, max_slices: int = MAX_SLICES) -> int:
     """Columns the kernel walks: whole chunks of every slice."""
     slices, per_slice = column_slices(cols, max_slices)
     return CHUNK_COLS * slices * per_slice
-
-
-def shared_bytes(cols: int, max_slices: int = MAX_SLICES) -> int:
-    """Shared memory one block uses on a GPU: the warps' fp16 tiles and their partial sums."""
-    slices, _ = column_slices(cols, max_slices)
-    return slices * (TILE_ROWS * TILE_ROW_WORDS * 4 + 32 * 8 * 4)
 
 
 @dataclass(frozen=True)

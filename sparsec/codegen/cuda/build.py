@@ -37,6 +37,19 @@ def _bias_array(bias: Any, rows: int) -> np.ndarray | None:
     return np.ascontiguousarray(b, dtype=np.float32).copy()
 
 
+def _current_gpu() -> tuple[str, tuple[int, int]] | None:
+    """``(name, compute capability)`` of the GPU kernels are built for; ``None`` under the
+    simulator. Read from numba-cuda's current context, which is also what its compiler targets."""
+    from sparsec.codegen.cuda.device import SIMULATOR
+
+    if SIMULATOR:
+        return None
+    from numba.cuda.cudadrv import devices
+
+    dev = devices.get_context().device
+    return str(getattr(dev, "name", "?")), tuple(dev.compute_capability)
+
+
 def _resident_blocks(threads: int, shared: int) -> int:
     """Blocks of ``threads`` threads using ``shared`` bytes that the whole GPU holds at once."""
     from sparsec.codegen.cuda.device import SIMULATOR, cuda
@@ -98,15 +111,11 @@ def _bitmask_mma_spec(packed: PackedWeight, activation: str | None, has_bias: bo
     if a.value_type not in mma_kernels.VALUE_TYPES:
         raise ValueError(f"the CUDA bitmask design 'mma' takes {' or '.join(mma_kernels.VALUE_TYPES)} values, "
                          f"not {a.value_type}; quantize to one of those or choose design 'lanes'")
-    from sparsec.codegen.cuda.device import SIMULATOR, cuda
-
-    if not SIMULATOR:  # mma.sync.m16n8k16 is Ampere's
-        dev = cuda.get_current_device()
-        cc = tuple(dev.compute_capability)
-        if cc < mma_kernels.MIN_COMPUTE_CAPABILITY:
-            need = ".".join(map(str, mma_kernels.MIN_COMPUTE_CAPABILITY))
-            raise ValueError(f"the CUDA bitmask design 'mma' needs compute capability {need} or newer; the GPU "
-                             f"{dev.name} has {cc[0]}.{cc[1]}: choose design 'lanes'")
+    gpu = _current_gpu()
+    if gpu is not None and gpu[1] < mma_kernels.MIN_COMPUTE_CAPABILITY:  # mma.sync.m16n8k16 is Ampere's
+        need = ".".join(map(str, mma_kernels.MIN_COMPUTE_CAPABILITY))
+        raise ValueError(f"the CUDA bitmask design 'mma' needs compute capability {need} or newer; the GPU "
+                         f"{gpu[0]} has {gpu[1][0]}.{gpu[1][1]}: choose design 'lanes'")
     slices = warps or mma_kernels.MAX_SLICES
     prepared = mma_kernels.prepare_arrays(a.rows, a.cols, a.value_type, a.values, a.bitmask, a.scales, slices)
     used, _ = mma_kernels.column_slices(a.cols, slices)

@@ -48,14 +48,14 @@ def jit_kernel(fn):
 _F32_HALF = np.float32(0.5)
 _F32_ONE = np.float32(1.0)
 _F32_ZERO = np.float32(0.0)
+_F32_INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
+_F32_SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
+_F32_GELU_C = np.float32(0.044715)
 #: float32 ``x`` enters an fp16 ``mma`` as ``hi = fp16(x)`` and ``lo = fp16((x - hi) * LO_SCALE)``:
 #: the scale keeps ``lo``'s 11 bits out of fp16's subnormals; products of ``lo`` are scaled back.
 LO_SCALE = 2048.0
 #: Elements of ``x`` one ``load_x_run`` reads: a lane's share of a 64-column chunk.
 X_RUN = 16
-_F32_INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
-_F32_SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
-_F32_GELU_C = np.float32(0.044715)
 
 if SIMULATOR:
 
@@ -118,7 +118,6 @@ if SIMULATOR:
 
         return load_row
 
-
     def _half(bits):
         return np.float32(np.array([int(bits) & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
 
@@ -155,7 +154,6 @@ if SIMULATOR:
         """The fp16 bits (in a uint32) of a small integer (exact for ``|value| <= 2048``)."""
         return np.uint32(np.array([int(value)], dtype=np.float16).view(np.uint16)[0])
 
-
     def _half_bits(value) -> int:
         return int(np.array([value], dtype=np.float16).view(np.uint16)[0])
 
@@ -184,7 +182,7 @@ if SIMULATOR:
 
     @cuda.jit(device=True)
     def splits_x(x):
-        """Whether ``x`` is float32 (``load_x_pair`` gives it a ``lo`` part)."""
+        """Whether ``x`` is float32 (``load_x_run`` gives it a ``lo`` part)."""
         return x.dtype == np.float32
 
 else:
@@ -329,7 +327,6 @@ else:
     def half_bits_to_f32(bits):
         """The fp16 value whose bits are the low 16 bits of ``bits``, widened to float32."""
         return _u32_half_to_f32(np.uint32(bits))
-
 
     @intrinsic
     def _mma_f16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
@@ -508,7 +505,7 @@ else:
 
     @cuda.jit(device=True, inline=True)
     def splits_x(x):
-        """Whether ``x`` is float32 (``load_x_pair`` gives it a ``lo`` part): a compile-time
+        """Whether ``x`` is float32 (``load_x_run`` gives it a ``lo`` part): a compile-time
         constant, so the branches it guards fold away for fp16 ``x``."""
         return _splits_x(x)
 
