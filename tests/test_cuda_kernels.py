@@ -264,6 +264,41 @@ def test_leading_dims_and_batches_above_sixteen() -> None:
     check(y.reshape(18, 5), packed, x.reshape(18, 33))
 
 
+@pytest.mark.parametrize("design", ["lanes", "mma"])
+def test_large_batches_run_as_one_dense_product(design: str) -> None:
+    # From dense_from rows on, one cuBLAS product on the dense weight, made on first use and
+    # kept; below it, sparse launches of 16 rows, and no dense copy.
+    w = sparse_weight(12, 96, 0.3, seed=51)
+    packed = pack(w, "bitmask", "int8")
+    bias = torch.randn(12, generator=torch.Generator().manual_seed(52))
+    kernel = build_linear_kernel(packed, bias=bias, activation="gelu", design=design, dense_from=20)
+    sparse_bytes = kernel.nbytes()
+    x = torch.randn(2, 12, 96, generator=torch.Generator().manual_seed(53))  # 24 rows
+    assert not kernel.runs_dense(19) and kernel.runs_dense(24)
+    check(run(kernel, x[0, :16]), packed, x[0, :16], bias, "gelu", tol=tolerance(design, 96))
+    assert kernel.nbytes() == sparse_bytes  # no dense copy for a sparse call
+    y = run(kernel, x)
+    assert y.shape == (2, 12, 12)
+    check(y.reshape(24, 12), packed, x.reshape(24, 96), bias, "gelu")
+    assert kernel.nbytes() == sparse_bytes + 12 * 96 * 4  # the float32 dense weight, kept
+    run(kernel, x)
+    assert kernel.nbytes() == sparse_bytes + 12 * 96 * 4  # made once
+
+
+def test_dense_from_default_none_and_bad_values() -> None:
+    from sparsec.codegen.cuda import DENSE_FROM_ROWS
+
+    packed = pack(sparse_weight(5, 40, 0.5, seed=54), "bitmask", "fp16")
+    assert build_linear_kernel(packed).dense_from == DENSE_FROM_ROWS == 64
+    never = build_linear_kernel(packed, dense_from=None)
+    x = torch.randn(40, 40, generator=torch.Generator().manual_seed(55))
+    assert not never.runs_dense(40)
+    check(run(never, x), packed, x)  # three sparse launches: 16, 16 and 8 rows
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="dense_from must be None or a whole number of rows, at least 1"):
+            build_linear_kernel(packed, dense_from=bad)
+
+
 @pytest.mark.skipif(ON_GPU, reason="NumPy inputs are a simulator convenience")
 def test_numpy_input_gives_numpy_output() -> None:
     w = sparse_weight(4, 20, 0.5, seed=4)

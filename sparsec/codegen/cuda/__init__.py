@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KERNEL_FORMATS",
     "ACTIVATION_NAMES",
+    "DENSE_FROM_ROWS",
     "CudaLinearKernel",
     "CudaUnavailableError",
     "build_linear_kernel",
@@ -48,6 +49,12 @@ ACTIVATION_NAMES: tuple[str, ...] = ("relu", "gelu", "gelu_tanh", "silu")
 
 #: Oldest GPU generation served: Volta (independent thread scheduling makes ``syncwarp`` exact).
 MIN_COMPUTE_CAPABILITY = (7, 0)
+
+#: Rows of ``x`` from which a sparse layer's call runs as one cuBLAS product on its dense weight
+#: (unpacked on first use and kept) instead of one sparse launch per 16 rows: four launches, each
+#: reading the whole sparse weight, already move more bytes than a 75%-sparse fp16 layer's dense
+#: weight holds, before their host cost. Prefill, not decoding.
+DENSE_FROM_ROWS = 64
 
 
 class CudaUnavailableError(RuntimeError):
@@ -104,6 +111,7 @@ def build_linear_kernel(
     *,
     warps_per_block: int | None = None,
     design: str | None = None,
+    dense_from: int | None = DENSE_FROM_ROWS,
 ) -> CudaLinearKernel:
     """Copy ``packed`` (and ``bias``) to the GPU and return a kernel computing ``act(x @ W^T + bias)``.
 
@@ -116,6 +124,10 @@ def build_linear_kernel(
     (tensor cores on fp16 tiles expanded from the mask, for batches of several rows; fp16 and
     int8 values only; ``warps_per_block`` is then its most column slices); other formats ignore
     it.
+
+    ``dense_from``: from this many rows of ``x`` on, a call runs as one cuBLAS product on the
+    dense weight, unpacked on the first such call and kept on the device (prefill); ``None``:
+    always sparse launches, 16 rows each. Dense layers run on cuBLAS whatever the batch.
 
     Raises :class:`CudaUnavailableError` when there is no usable GPU (and no simulator),
     ``ValueError``/``TypeError`` for an unsupported format, value type, activation or a bias of
@@ -130,6 +142,9 @@ def build_linear_kernel(
         raise ValueError(f"warps_per_block must be an integer from 1 to 8, got {warps_per_block!r}")
     if design is not None and design not in BITMASK_DESIGNS:
         raise ValueError(f"unknown bitmask kernel design {design!r}; choose one of {', '.join(BITMASK_DESIGNS)}")
+    if dense_from is not None and not (isinstance(dense_from, int) and not isinstance(dense_from, bool)
+                                       and dense_from >= 1):
+        raise ValueError(f"dense_from must be None or a whole number of rows, at least 1; got {dense_from!r}")
     ok, why = cuda_available()
     if not ok:
         raise CudaUnavailableError(
@@ -138,7 +153,7 @@ def build_linear_kernel(
         )
     from sparsec.codegen.cuda import build
 
-    return build.build(packed, bias, activation, warps_per_block, design)
+    return build.build(packed, bias, activation, warps_per_block, design, dense_from)
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsec.codegen.cuda import BITMASK_DESIGNS, KERNEL_FORMATS
+from sparsec.codegen.cuda import BITMASK_DESIGNS, DENSE_FROM_ROWS, KERNEL_FORMATS
 from sparsec.codegen.cuda import bitmask as bitmask_kernels
 from sparsec.codegen.cuda import bitmask_lanes as lane_kernels
 from sparsec.codegen.cuda import bitmask_mma as mma_kernels
@@ -226,8 +226,8 @@ def device() -> torch.device:
     return torch.device("cuda", cuda.get_current_device().id)
 
 
-def build(packed: PackedWeight, bias: Any, activation: str | None,
-          warps_per_block: int | None = None, design: str | None = None) -> CudaLinearKernel | DenseCudaLinear:
+def build(packed: PackedWeight, bias: Any, activation: str | None, warps_per_block: int | None = None,
+          design: str | None = None, dense_from: int | None = DENSE_FROM_ROWS) -> CudaLinearKernel | DenseCudaLinear:
     """See :func:`sparsec.codegen.cuda.build_linear_kernel` (which checks the GPU first)."""
     if not isinstance(packed, PackedWeight):
         raise TypeError(
@@ -244,4 +244,5 @@ def build(packed: PackedWeight, bias: Any, activation: str | None,
         raise ValueError(f"no CUDA kernel for format {name!r}; the CUDA target supports: {known}")
     bias_host = _bias_array(bias, packed.rows)
     spec = make_spec(packed, activation, bias_host is not None, warps_per_block, design)
-    return CudaLinearKernel(spec, bias_host, activation)
+    spec.unpack = packed.unpack  # large batches: cuBLAS on the dense weight, made on first use
+    return CudaLinearKernel(spec, bias_host, activation, dense_from)

@@ -19,7 +19,9 @@ from sparsec.formats.base import PackedWeight
 _STORE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                 "int8": torch.float32, "int4": torch.float32}
 
-_ACTIVATIONS = {
+#: Activation name -> torch function, for the cuBLAS paths (a dense layer, a sparse layer's large
+#: batches).
+ACTIVATIONS = {
     None: lambda y: y,
     "relu": torch.relu,
     "silu": F.silu,
@@ -71,4 +73,4 @@ class DenseCudaLinear:
         y = F.linear(x.detach().to(self.weight.dtype), self.weight).float()
         if self.bias is not None:
             y = y + self.bias
-        return _ACTIVATIONS[self.activation](y).to(x.dtype)
+        return ACTIVATIONS[self.activation](y).to(x.dtype)

@@ -9,8 +9,12 @@ takes ``x`` of shape ``[..., cols]`` and returns ``[..., rows]`` of the same kin
   surrounding torch work, and no synchronisation is added;
 * under the CUDA simulator, ``x`` is a CPU ``torch.Tensor`` or a NumPy array.
 
-Batches above 16 rows run as consecutive launches of 16 (correct, but not the regime these
-kernels are for: at that size a dense GEMM is usually as fast).
+Batches of 17 rows up to ``dense_from - 1`` run as consecutive launches of 16. From
+``dense_from`` rows on (a prompt's prefill, say; default ``DENSE_FROM_ROWS``) one cuBLAS
+product on the dense weight replaces them: each sparse launch reads the whole weight again and
+costs a numba launch on the host, while cuBLAS reads the dense weight once. The dense weight is
+unpacked on the first such call and kept (in ``x``'s dtype): the layer's dense bytes on the
+device, the price of fast prefill; ``dense_from=None`` never makes it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from sparsec.codegen.cuda import DENSE_FROM_ROWS
 from sparsec.codegen.cuda._compat import without_nrt
 from sparsec.codegen.cuda.device import SIMULATOR, cuda
 
@@ -56,6 +62,9 @@ class KernelSpec:
     #: float16) in the bucket's layout, where that is not ``"rows"``; torch ops only, so that
     #: on a GPU they run on the launch's stream.
     pack_x: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    #: ``unpack()``: the dense float32 weight ``[rows, cols]`` on the host, for calls with
+    #: ``dense_from`` rows or more; ``None``: such calls run as sparse launches too.
+    unpack: Callable[[], torch.Tensor] | None = None
 
 
 #: How a kernel takes ``x``: ``rows``: ``[m, cols]`` as given; ``by-column``: ``[cols, bucket]``
@@ -88,7 +97,8 @@ class CudaLinearKernel:
     caller passed are not modified (they are copied to the device).
     """
 
-    def __init__(self, spec: KernelSpec, bias: np.ndarray | None, activation: str | None) -> None:
+    def __init__(self, spec: KernelSpec, bias: np.ndarray | None, activation: str | None,
+                 dense_from: int | None = DENSE_FROM_ROWS) -> None:
         self.format_name = spec.format_name
         self.value_type = spec.value_type
         self.rows = spec.rows
@@ -98,6 +108,9 @@ class CudaLinearKernel:
         self._spec = spec
         bias_host = bias if bias is not None else np.zeros(1, dtype=np.float32)
         self._device_args = tuple(cuda.to_device(a) for a in spec.arrays) + (cuda.to_device(bias_host),)
+        self._bias_host = bias
+        self.dense_from = dense_from if spec.unpack is not None else None
+        self._dense: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}  # x dtype -> (W, bias)
         self.device_index = None if SIMULATOR else cuda.get_current_device().id
         self._streams: dict[int, Any] = {}
 
@@ -112,11 +125,13 @@ class CudaLinearKernel:
         """Another kernel object for the same weight with its own device copy (benchmarks
         rotate over copies so that the weights they read are not in L2)."""
         bias = None if not self.has_bias else self._device_args[-1].copy_to_host()
-        return CudaLinearKernel(self._spec, bias, self.activation)
+        return CudaLinearKernel(self._spec, bias, self.activation, self.dense_from)
 
     def nbytes(self) -> int:
-        """Bytes this layer holds on the device (its repacked weight arrays and bias)."""
-        return int(sum(a.nbytes for a in self._device_args))
+        """Bytes this layer holds on the device: its repacked weight arrays and bias, and the
+        dense weight once a call of ``dense_from`` rows has made it."""
+        dense = sum(w.numel() * w.element_size() for w, _ in self._dense.values())
+        return int(sum(a.nbytes for a in self._device_args)) + dense
 
     def kernel_for(self, bucket: int):
         """The compiled (or lazily compiling) kernel for batch bucket ``bucket``."""
@@ -179,6 +194,8 @@ class CudaLinearKernel:
         y2 = np.empty((x2.shape[0], self.rows), dtype=x.dtype)
         if self.rows == 0 or x2.shape[0] == 0:
             return y2.reshape(*lead, self.rows)
+        if self.runs_dense(x2.shape[0]):
+            return self._dense_product(torch.from_numpy(x2)).numpy().reshape(*lead, self.rows)
         if self.cols == 0:  # the kernel reads no column; give it a valid one-column array
             x2 = np.zeros((x2.shape[0], 1), dtype=x.dtype)
         for s in range(0, x2.shape[0], self._spec.buckets[-1]):
@@ -211,6 +228,8 @@ class CudaLinearKernel:
         if not x2.is_contiguous() or x2.data_ptr() % 16:  # kernels read x in aligned vector loads
             x2 = x2.clone(memory_format=torch.contiguous_format)
         m_total = x2.shape[0]
+        if self.runs_dense(m_total):
+            return self._dense_product(x2).reshape(*lead, self.rows)
         y2 = torch.empty((m_total, self.rows), dtype=x.dtype, device=x.device)
         if self.rows == 0 or m_total == 0:  # nothing to compute; zero-size arrays have no pointer
             return y2.reshape(*lead, self.rows)
@@ -227,6 +246,27 @@ class CudaLinearKernel:
             # (synchronising the exporter's stream on every call) would stall the CPU.
             self.launch(cuda.as_cuda_array(ys, sync=False), cuda.as_cuda_array(xs, sync=False), m, stream)
         return y2.reshape(*lead, self.rows)
+
+    def runs_dense(self, m: int) -> bool:
+        """Whether a call on ``m`` rows runs as one cuBLAS product on the dense weight."""
+        return self.dense_from is not None and m >= self.dense_from and self.rows > 0
+
+    def _dense_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """``act(x2 @ W^T + bias)`` by ``torch.nn.functional.linear`` on the dense weight, made
+        on first use in ``x2``'s dtype on its device (float32 accumulation for fp16, cuBLAS'
+        default; the kernels' epilogue order: bias, then activation, in float32)."""
+        from sparsec.codegen.cuda.dense import ACTIVATIONS
+
+        dense = self._dense.get(x2.dtype)
+        if dense is None:
+            weight = self._spec.unpack().to(device=x2.device, dtype=x2.dtype).contiguous()
+            bias = None if self._bias_host is None else torch.from_numpy(self._bias_host).to(x2.device)
+            dense = self._dense[x2.dtype] = (weight, bias)
+        weight, bias = dense
+        y = F.linear(x2, weight).float()
+        if bias is not None:
+            y = y + bias
+        return ACTIVATIONS[self.activation](y).to(x2.dtype)
 
     def _stream_for(self, handle: int):
         stream = self._streams.get(handle)
