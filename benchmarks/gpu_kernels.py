@@ -206,9 +206,11 @@ def pack_for(pack, w, sparsity, value_type: str, group: int):
 def designs_for(designs: list[str], packed) -> list[str]:
     """The bitmask designs of ``designs`` that run ``packed`` (``["-"]``, the format's one kernel,
     for other formats): the tensor-core design runs fp16 and int8 values only."""
+    from sparsec.codegen.cuda.bitmask_mma import VALUE_TYPES
+
     if packed.format_name != "bitmask":
         return ["-"]
-    return [d for d in designs if d != "mma" or packed.value_type in ("fp16", "int8")]
+    return [d for d in designs if d != "mma" or packed.value_type in VALUE_TYPES]
 
 
 def check_output(torch, y, x, w_ref) -> float:

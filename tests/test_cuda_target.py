@@ -137,9 +137,11 @@ def test_lower_cuda_design_picks_the_bitmask_kernel(design):
 
 def test_lower_cuda_names_the_designs_the_code_generator_builds():
     from sparsec.codegen.cuda import BITMASK_DESIGNS
-    from sparsec.passes.lower import CUDA_BITMASK_DESIGNS
+    from sparsec.codegen.cuda.bitmask_mma import VALUE_TYPES
+    from sparsec.passes.lower import CUDA_BITMASK_DESIGNS, MMA_VALUE_TYPES
 
     assert CUDA_BITMASK_DESIGNS == BITMASK_DESIGNS
+    assert MMA_VALUE_TYPES == VALUE_TYPES
 
 
 def test_an_unknown_lower_cuda_design_is_refused_in_one_line():

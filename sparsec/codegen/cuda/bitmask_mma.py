@@ -54,13 +54,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsec.codegen.cuda.device import (
-    ACTIVATIONS,
     LO_SCALE,
     SIMULATOR,
     cuda,
     int_to_half_bits,
     jit_kernel,
     make_load_x_run,
+    make_output,
     mma_f16,
     splits_x,
     store_half,
@@ -82,6 +82,13 @@ TILE_ROW_WORDS = 34
 MAX_SLICES = 8
 #: Batch buckets: one kernel for up to 8 rows (one ``mma`` a step), one for up to 16 (two).
 BATCH_BUCKETS: tuple[int, ...] = (8, 16)
+
+
+def check_value_type(value_type: str) -> None:
+    """Refuse, in one line, a value type this design does not run."""
+    if value_type not in VALUE_TYPES:
+        raise ValueError(f"the CUDA bitmask design 'mma' takes {' or '.join(VALUE_TYPES)} values, not "
+                         f"{value_type}; quantize to one of those or choose design 'lanes'")
 
 
 def column_slices(cols: int, max_slices: int = MAX_SLICES) -> tuple[int, int]:
@@ -117,9 +124,7 @@ def prepare_arrays(rows: int, cols: int, value_type: str, values: np.ndarray, bi
     uint8 ``[rows, ceil(cols / 8)]``; ``scales`` the int8 row scales (``[rows]`` or
     ``[rows, 1]``), ``None`` for fp16.
     """
-    if value_type not in VALUE_TYPES:
-        raise ValueError(f"the mma design takes {' or '.join(VALUE_TYPES)} values, not {value_type}; "
-                         "use design='lanes' for this layer")
+    check_value_type(value_type)
     slices, per_slice = column_slices(cols, max_slices)
     rows_p = max(1, math.ceil(rows / TILE_ROWS)) * TILE_ROWS
     cols_p = CHUNK_COLS * slices * per_slice
@@ -156,8 +161,7 @@ def make_kernel(value_type: str, cols: int, batch: int, activation: str | None, 
     batch``; the arrays of :func:`prepare_arrays`; ``bias`` float32 ``[rows]`` (or a 1-element
     placeholder).
     """
-    if value_type not in VALUE_TYPES:
-        raise ValueError(f"the mma design takes {' or '.join(VALUE_TYPES)} values, not {value_type}")
+    check_value_type(value_type)
     slices, per_slice = column_slices(cols, max_slices)
     cols_p = CHUNK_COLS * slices * per_slice
     row_chunks = cols_p // CHUNK_COLS
@@ -168,7 +172,7 @@ def make_kernel(value_type: str, cols: int, batch: int, activation: str | None, 
     # the arrays are never read, and one element keeps them from taking shared memory.
     sa_rows, sb_cols = (16, 8) if SIMULATOR else (1, 1)
     int8 = value_type == "int8"
-    act = ACTIVATIONS[activation]
+    output = make_output(value_type, has_bias, activation)
     # x's row length as launched (a layer without columns gets one zero column). With whole
     # chunks, a lane's 16 columns are two or four 16-byte loads; otherwise element by element,
     # clamped to the row.
@@ -273,10 +277,6 @@ def make_kernel(value_type: str, cols: int, batch: int, activation: str | None, 
                     row = m0 + g + (8 if i >= 2 else 0)
                     b = nb * 8 + 2 * t + (i % 2)
                     if row < rows and b < m:
-                        if int8:
-                            s *= scales[row, 0]
-                        if has_bias:
-                            s += bias[row]
-                        y[b, row] = act(s)
+                        y[b, row] = output(s, row, scales, bias)
 
     return kernel

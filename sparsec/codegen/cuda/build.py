@@ -108,9 +108,7 @@ def _bitmask_mma_spec(packed: PackedWeight, activation: str | None, has_bias: bo
                       warps: int | None) -> KernelSpec:
     """The ``mma`` design: tensor cores on fp16 tiles expanded from the mask (fp16, int8 values)."""
     a = packed.arrays()  # type: ignore[attr-defined]
-    if a.value_type not in mma_kernels.VALUE_TYPES:
-        raise ValueError(f"the CUDA bitmask design 'mma' takes {' or '.join(mma_kernels.VALUE_TYPES)} values, "
-                         f"not {a.value_type}; quantize to one of those or choose design 'lanes'")
+    mma_kernels.check_value_type(a.value_type)  # before the GPU check: the fix is in the model
     gpu = _current_gpu()
     if gpu is not None and gpu[1] < mma_kernels.MIN_COMPUTE_CAPABILITY:  # mma.sync.m16n8k16 is Ampere's
         need = ".".join(map(str, mma_kernels.MIN_COMPUTE_CAPABILITY))

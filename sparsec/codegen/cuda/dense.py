@@ -19,9 +19,7 @@ from sparsec.formats.base import PackedWeight
 _STORE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                 "int8": torch.float32, "int4": torch.float32}
 
-#: Activation name -> torch function, for the cuBLAS paths (a dense layer, a sparse layer's large
-#: batches).
-ACTIVATIONS = {
+_ACTIVATIONS = {
     None: lambda y: y,
     "relu": torch.relu,
     "silu": F.silu,
@@ -70,7 +68,15 @@ class DenseCudaLinear:
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but this layer's weight is on {self.weight.device}; "
                              f"move x there with x.to('{self.weight.device}')")
-        y = F.linear(x.detach().to(self.weight.dtype), self.weight).float()
-        if self.bias is not None:
-            y = y + self.bias
-        return ACTIVATIONS[self.activation](y).to(x.dtype)
+        return cublas_linear(x.detach(), self.weight, self.bias, self.activation)
+
+
+def cublas_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  activation: str | None) -> torch.Tensor:
+    """``act(x @ weight^T + bias)`` by ``torch.nn.functional.linear`` in ``weight``'s dtype (cuBLAS
+    accumulates fp16 and bf16 in float32), then the bias and activation in float32, as the
+    kernels' epilogue does; returned in ``x``'s dtype."""
+    y = F.linear(x.to(weight.dtype), weight).float()
+    if bias is not None:
+        y = y + bias
+    return _ACTIVATIONS[activation](y).to(x.dtype)

@@ -118,9 +118,6 @@ if SIMULATOR:
 
         return load_row
 
-    def _half(bits):
-        return np.float32(np.array([int(bits) & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
-
     @cuda.jit(device=True)
     def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, lane, sa, sb):
         """``d = A @ B + c`` on one warp's ``m16n8k16`` fragments (see the GPU version), emulated
@@ -128,11 +125,11 @@ if SIMULATOR:
         g, t = lane // 4, lane % 4
         k = 2 * t
         for reg, row, col in ((a0, g, k), (a1, g + 8, k), (a2, g, k + 8), (a3, g + 8, k + 8)):
-            sa[row, col] = _half(reg)
-            sa[row, col + 1] = _half(int(reg) >> 16)
+            sa[row, col] = half_bits_to_f32(reg)
+            sa[row, col + 1] = half_bits_to_f32(int(reg) >> 16)
         for reg, kk in ((b0, k), (b1, k + 8)):
-            sb[kk, g] = _half(reg)
-            sb[kk + 1, g] = _half(int(reg) >> 16)
+            sb[kk, g] = half_bits_to_f32(reg)
+            sb[kk + 1, g] = half_bits_to_f32(int(reg) >> 16)
         cuda.syncthreads()
         out = []
         for row, col, c in ((g, k, c0), (g, k + 1, c1), (g + 8, k, c2), (g + 8, k + 1, c3)):
@@ -149,13 +146,14 @@ if SIMULATOR:
         array ``words``."""
         words.view(np.uint16)[int(start) + int(offset)] = np.uint16(int(value) & 0xFFFF)
 
+    def _half_bits(value) -> int:
+        """The bits of ``value`` rounded to fp16."""
+        return int(np.array([value], dtype=np.float16).view(np.uint16)[0])
+
     @cuda.jit(device=True)
     def int_to_half_bits(value):
         """The fp16 bits (in a uint32) of a small integer (exact for ``|value| <= 2048``)."""
-        return np.uint32(np.array([int(value)], dtype=np.float16).view(np.uint16)[0])
-
-    def _half_bits(value) -> int:
-        return int(np.array([value], dtype=np.float16).view(np.uint16)[0])
+        return np.uint32(_half_bits(int(value)))
 
     def make_load_x_run(cols: int, vector: bool):
         """Device function ``load_x_run(x, row_start, col)``; see the GPU version."""
@@ -552,6 +550,23 @@ ACTIVATIONS = {
 }
 
 
+def make_output(value_type: str, has_bias: bool, activation: str | None):
+    """Device function ``output(s, row, scales, bias)``: a row's float32 sum ``s`` as stored,
+    the int8 row scale, then the bias, then the activation applied (every epilogue's order)."""
+    per_row_scale = value_type == "int8"
+    act = ACTIVATIONS[activation]
+
+    @cuda.jit(device=True, inline=True)
+    def output(s, row, scales, bias):
+        if per_row_scale:
+            s *= scales[row, 0]
+        if has_bias:
+            s += bias[row]
+        return act(s)
+
+    return output
+
+
 def make_epilogue(batch: int, value_type: str, has_bias: bool, activation: str | None):
     """Device function ``finish(y, acc, m, row, live, lane, scales, bias, scratch)`` ending a row.
 
@@ -560,18 +575,13 @@ def make_epilogue(batch: int, value_type: str, has_bias: bool, activation: str |
     live warp applies the int8 row scale, the bias and the activation and stores ``y[b, row]``.
     ``scratch`` is the warp's float32 row for the simulator's reduction.
     """
-    per_row_scale = value_type == "int8"
-    act = ACTIVATIONS[activation]
+    output = make_output(value_type, has_bias, activation)
 
     @cuda.jit(device=True, inline=True)
     def finish(y, acc, m, row, live, lane, scales, bias, scratch):
         for b in range(batch):
             s = warp_reduce_sum(acc[b], lane, scratch)
             if live and lane == 0 and b < m:
-                if per_row_scale:
-                    s *= scales[row, 0]
-                if has_bias:
-                    s += bias[row]
-                y[b, row] = act(s)
+                y[b, row] = output(s, row, scales, bias)
 
     return finish

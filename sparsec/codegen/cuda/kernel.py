@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sparsec.codegen.cuda import DENSE_FROM_ROWS
 from sparsec.codegen.cuda._compat import without_nrt
@@ -252,21 +251,16 @@ class CudaLinearKernel:
         return self.dense_from is not None and m >= self.dense_from and self.rows > 0
 
     def _dense_product(self, x2: torch.Tensor) -> torch.Tensor:
-        """``act(x2 @ W^T + bias)`` by ``torch.nn.functional.linear`` on the dense weight, made
-        on first use in ``x2``'s dtype on its device (float32 accumulation for fp16, cuBLAS'
-        default; the kernels' epilogue order: bias, then activation, in float32)."""
-        from sparsec.codegen.cuda.dense import ACTIVATIONS
+        """``act(x2 @ W^T + bias)`` on cuBLAS (:func:`~sparsec.codegen.cuda.dense.cublas_linear`)
+        with the dense weight, made on first use in ``x2``'s dtype on its device."""
+        from sparsec.codegen.cuda.dense import cublas_linear
 
         dense = self._dense.get(x2.dtype)
         if dense is None:
             weight = self._spec.unpack().to(device=x2.device, dtype=x2.dtype).contiguous()
             bias = None if self._bias_host is None else torch.from_numpy(self._bias_host).to(x2.device)
             dense = self._dense[x2.dtype] = (weight, bias)
-        weight, bias = dense
-        y = F.linear(x2, weight).float()
-        if bias is not None:
-            y = y + bias
-        return ACTIVATIONS[self.activation](y).to(x2.dtype)
+        return cublas_linear(x2, *dense, self.activation)
 
     def _stream_for(self, handle: int):
         stream = self._streams.get(handle)
