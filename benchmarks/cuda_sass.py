@@ -31,7 +31,9 @@ float32 ``x`` and int8 values with fp16 ``x`` at batch 16, then the ``gather`` k
 or ``FLO`` on its common path: its kind (``mma``: the loop over a slice's chunks, or 16-column
 steps in ``gather``, that issues the ``mma``; ``walk``: the ``mma`` design's bit walk that fills
 a chunk's shared tile), its common-path instructions, their ``HMMA``, ``FLO`` and ``LDG`` counts
-(predicated loads included), and the kernel's registers.
+(predicated loads included), and the kernel's registers. A last line gives the walk's trips a
+chunk at ``--sparsity`` (:func:`mma_walk_trips`): the mean lane's, the fullest lane's, and the
+fullest were each row's values split between its two lanes by count.
 
 ``--balance`` prints, instead (no compiler needed), how far the fullest lane of a row sits
 above the mean lane: tile by tile (``lanes``), over the row (``runs``), and over the row with
@@ -248,6 +250,25 @@ def print_mma(tmp: str, ptxas: str, nvdisasm: str) -> None:
                 print(f"{name:>20} {kind:>5} {len(hot):>12} {hmma:>5} {flo:>4} {ldg:>4} {regs:>5}")
 
 
+def mma_walk_trips(sparsity: float, chunks: int = 20000) -> tuple[float, float, float]:
+    """Trips of the ``mma`` design's walk a chunk at ``sparsity``, over ``chunks`` random 16-row
+    chunks: ``(mean lane, fullest lane, fullest lane were each row's kept values split between
+    its two lanes by count)``. A lane walks one row's 32 columns; the warp waits for its fullest
+    lane. The third is an estimate for a walk not built (one lane from each end of the row)."""
+    rng = np.random.default_rng(0)
+    kept = rng.random((chunks, 16, 64)) >= sparsity  # chunk, row, column
+    lanes = kept.reshape(chunks, 32, 32).sum(axis=2)  # lane 2r + h: row r, half h
+    by_count = np.ceil(kept.sum(axis=2) / 2)
+    return float(lanes.mean()), float(lanes.max(axis=1).mean()), float(by_count.max(axis=1).mean())
+
+
+def print_mma_trips(sparsity: float) -> None:
+    mean, fullest, by_count = mma_walk_trips(sparsity)
+    print(f"# mma walk trips a chunk at {sparsity:.0%}, 20,000 random chunks: mean lane {mean:.2f}, "
+          f"fullest lane {fullest:.2f} ({fullest / mean:.2f}x), split by count {by_count:.2f} "
+          f"({by_count / mean:.2f}x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.balance:
@@ -273,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mma:
         with tempfile.TemporaryDirectory() as tmp:
             print_mma(tmp, args.ptxas, args.nvdisasm)
+        print_mma_trips(float(args.sparsity))
         return 0
     args.sparsity = float(args.sparsity)
     print(f"# sm_90 SASS of the bitmask bit walk, batch {args.batch}, sparsity {args.sparsity:.0%}")
