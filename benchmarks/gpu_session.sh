@@ -41,6 +41,11 @@ if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/sparsec-site
 fi
 
+# Test files in parallel where the image has pytest-xdist: kernel compilation is CPU-bound and the
+# GPU machines have 16 cores, so 8 workers cut the tests' share of a 10-minute call.
+PYTEST="$PY -m pytest -q -p no:cacheprovider"
+if $PY -c "import xdist" 2>/dev/null; then PYTEST="$PYTEST -n ${TEST_WORKERS:-8}"; fi
+
 step() {  # step NAME SECONDS COMMAND...: run with a limit (0: skip), keep its output in $OUT/NAME.log
   local name=$1 limit=$2
   shift 2
@@ -62,7 +67,7 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
     # The kernel tests (every design); the artifact and target tests run in e2e mode. The default
     # limits (60 + 150 + 40 + 180 + 2 x (45 + 35)) sum to 590 s, under a device call's 600 (and
     # the env step takes seconds, not its minute).
-    step tests "${TESTS_LIMIT:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
+    step tests "${TESTS_LIMIT:-150}" $PYTEST tests/test_cuda_kernels.py
     # Tensor cores at batch 16 (docs/performance.md): the probe's gather way of building the A
     # fragments against cuBLAS, 75%, 8 warps a block; the scatter way is the mma design, in bench75.
     step mma_probe "${PROBE_LIMIT:-40}" $PY benchmarks/cuda_mma_probe.py --slices 8
@@ -118,7 +123,7 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
     export SPARSEC_CACHE=${SPARSEC_CACHE:-/tmp/sparsec-cache}
     step e2e "${E2E_LIMIT:-150}" $PY benchmarks/gpu_e2e.py --gguf "$gguf" --design "${E2E_DESIGN:-auto}" \
       --json "$OUT/gpu_e2e.json"
-    step artifact "${ARTIFACT_LIMIT:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_artifact.py \
+    step artifact "${ARTIFACT_LIMIT:-120}" $PYTEST tests/test_cuda_artifact.py \
       tests/test_cuda_target.py
     if [ -n "${RECOVERY_ARGS:-}" ]; then
       # shellcheck disable=SC2086
