@@ -223,8 +223,7 @@ def print_mma(tmp: str, ptxas: str, nvdisasm: str) -> None:
     kernels = []
     for value_type, x_type, batch in MMA_CONFIGS:
         x = arr(T.float16 if x_type == "fp16" else T.float32, 2)
-        values = arr(T.uint16 if value_type == "fp16" else T.int8, 1)
-        sig = (x, x, T.int64, T.int64, arr(T.uint64, 1), values, arr(T.int32, 1), arr(T.float32, 2),
+        sig = (x, x, T.int64, T.int64, arr(T.uint64, 1), arr(T.uint64, 1), arr(T.int32, 1), arr(T.float32, 2),
                arr(T.float32, 1))
         kernel = bitmask_mma.make_kernel(value_type, 4096, batch, None, False)
         kernels.append((f"mma {value_type}/{x_type} b{batch}", kernel, sig))

@@ -422,11 +422,16 @@ def test_mma_layout_keeps_the_stored_bits_values_and_order() -> None:
     assert (slices, per_slice) == (4, 1)
     laid = bitmask_mma.prepare_arrays(a.rows, a.cols, "int8", a.values, a.bitmask, a.scales, 8)
     cols_p = bitmask_mma.padded_cols(200, 8)
-    bits = np.unpackbits(laid.mask.view(np.uint8).reshape(32, cols_p // 8), axis=1, bitorder="little")
+    assert laid.mask.dtype == np.uint64 and laid.mask.size == 32 * cols_p // 64 + 1 and laid.mask[-1] == 0
+    bits = np.unpackbits(laid.mask[:-1].view(np.uint8).reshape(32, cols_p // 8), axis=1, bitorder="little")
     dense = np.unpackbits(a.bitmask, axis=1, count=200, bitorder="little")
     assert np.array_equal(bits[:20, :200], dense) and not bits[20:].any() and not bits[:, 200:].any()
     nnz = int(dense.sum())
-    assert np.array_equal(laid.values, np.asarray(a.values).reshape(-1).view(np.int8)[:nnz])  # stored order
+    # the stored values in stored order, 8 int8 a 64-bit word, then zeros to two words past the last
+    assert laid.values.dtype == np.uint64 and laid.values.size == nnz // 8 + 2
+    as_bytes = laid.values.view(np.int8)
+    assert np.array_equal(as_bytes[:nnz], np.asarray(a.values).reshape(-1).view(np.int8)[:nnz])
+    assert not as_bytes[nnz:].any()
     counts = bits.reshape(32, slices, cols_p // slices).sum(axis=2)
     starts = np.concatenate(([0], np.cumsum(counts.reshape(-1))[:-1])).reshape(32, slices)
     assert np.array_equal(laid.slice_offsets.reshape(32, slices), starts)

@@ -15,14 +15,22 @@ How a block works:
   the chunk into a dense fp16 tile in shared memory: it zeroes its 16 words, then walks the set
   bits of its half of the chunk's 64-bit mask word and stores each kept value at its column
   (one 2-byte store a value; int8 values are converted to fp16, exactly: ``|q| <= 127``);
+* the values are read a 64-bit word at a time (4 fp16 or 8 int8 values), the next word always
+  in flight while the lane stores the current one's: a lane's kept values of a chunk are one
+  contiguous run, but each lane's run lies elsewhere, so a warp's value load touches up to 32
+  sectors; a word a value would be one such load, and one wait on it, per kept value;
+* the chunk's first value words, the next chunk's mask word and the chunk's ``x`` are loaded
+  before the walk, so that their latencies overlap it rather than follow one another;
 * four ``m16n8k16`` steps then read the tile's A fragments and ``x``'s B fragments (one or two
   8-row halves of the batch) and accumulate in float32;
 * each warp starts its slice at a value offset computed on the host (one int32 a row and slice),
   so no warp scans the mask before its own columns.
 
 Stored bytes: the mask is the stored bitmask's bits, rows padded to 16 and columns to whole
-chunks of every slice; the values are the stored values in their stored (row-major) order. Only
-the offsets (4 bytes a row and slice) are added.
+chunks of every slice, and one word more (the prefetch past the last chunk reads it); the values
+are the stored values in their stored (row-major) order, packed little-endian into 64-bit words,
+and two words more (the prefetch past the last value reads them). Only the offsets (4 bytes a
+row and slice) are added.
 
 The order of ``k``. A chunk's 64 columns may enter the four steps in any order, as long as the
 A and B fragments use the same one. Lane ``t = L % 4`` of each row group takes columns ``16t`` to
@@ -82,6 +90,8 @@ TILE_ROW_WORDS = 34
 MAX_SLICES = 8
 #: Batch buckets: one kernel for up to 8 rows (one ``mma`` a step), one for up to 16 (two).
 BATCH_BUCKETS: tuple[int, ...] = (8, 16)
+#: Stored values a 64-bit value word holds, by value type.
+VALUES_PER_WORD: dict[str, int] = {"fp16": 4, "int8": 8}
 
 
 def check_value_type(value_type: str) -> None:
@@ -110,8 +120,8 @@ def padded_cols(cols: int, max_slices: int = MAX_SLICES) -> int:
 class MmaArrays:
     """Host arrays in the layout the kernel reads (moved to the device by the caller)."""
 
-    mask: np.ndarray  # uint64 [rows_p * cols_p / 64]: the bitmask, one little-endian word a chunk, flat
-    values: np.ndarray  # uint16 (fp16 bits) or int8 [nnz]: the stored values, stored order
+    mask: np.ndarray  # uint64 [rows_p * cols_p / 64 + 1]: the bitmask, one little-endian word a chunk, flat
+    values: np.ndarray  # uint64 [nnz / VALUES_PER_WORD + 2]: the stored values, stored order, packed
     slice_offsets: np.ndarray  # int32 [rows_p * slices]: each row's first value in each slice
     scales: np.ndarray  # float32 [rows, 1] (int8) or [1, 1] (unused)
 
@@ -138,15 +148,17 @@ def prepare_arrays(rows: int, cols: int, value_type: str, values: np.ndarray, bi
     row_start = np.concatenate(([0], np.cumsum(counts.sum(axis=1))[:-1]))
     offsets = row_start[:, None] + np.cumsum(counts, axis=1) - counts
     mask = np.packbits(dense, axis=1, bitorder="little").view("<u8").astype(np.uint64).reshape(-1)
-    element = np.uint16 if value_type == "fp16" else np.int8
-    kept = np.ascontiguousarray(values).reshape(-1).view(np.uint8).view(element)[:nnz]
+    mask = np.concatenate((mask, np.zeros(1, dtype=np.uint64)))
+    element_bytes = 8 // VALUES_PER_WORD[value_type]
+    packed = np.zeros((nnz // VALUES_PER_WORD[value_type] + 2) * 8, dtype=np.uint8)
+    packed[: nnz * element_bytes] = np.ascontiguousarray(values).reshape(-1).view(np.uint8)[: nnz * element_bytes]
     if value_type == "int8":
         sc = np.ascontiguousarray(np.asarray(scales, dtype=np.float32).reshape(rows, 1))
     else:
         sc = np.zeros((1, 1), dtype=np.float32)
     return MmaArrays(
         mask=mask,
-        values=kept.copy() if nnz else np.zeros(1, dtype=element),  # a kernel argument needs an element
+        values=packed.view("<u8").astype(np.uint64),
         slice_offsets=offsets.astype(np.int32).reshape(-1),
         scales=sc,
     )
@@ -185,6 +197,12 @@ def make_kernel(value_type: str, cols: int, batch: int, activation: str | None, 
     one = np.uint32(1)
     low32 = np.uint64(0xFFFFFFFF)
     shift32 = np.uint64(32)
+    word_shift = np.uint32(VALUES_PER_WORD[value_type].bit_length() - 1)  # k // per_word as a shift
+    in_word = np.uint32(VALUES_PER_WORD[value_type] - 1)
+    value_bits = np.uint32(64 // VALUES_PER_WORD[value_type])
+    word_bits = np.uint32(64)
+    byte = np.uint32(0xFF)
+    sign8 = np.int32(0x80)
 
     @jit_kernel
     def kernel(y, x, m, rows, mask, values, slice_offsets, scales, bias):
@@ -214,7 +232,9 @@ def make_kernel(value_type: str, cols: int, batch: int, activation: str | None, 
         # computation on every load.
         k_next = np.uint32(slice_offsets[own_row * slices + warp])
         first_chunk = own_row * row_chunks + warp * per_slice
-        my_mask = mask[first_chunk : first_chunk + per_slice]  # the lane's row, the warp's slice
+        # The lane's row, the warp's slice, and one word past it: the prefetch of the chunk after
+        # the slice's last reads it (another slice's word, or the array's padding word).
+        my_mask = mask[first_chunk : first_chunk + per_slice + 1]
         split = splits_x(x)  # float32 x: a lo part, its own accumulators
         # The batch rows whose columns this lane gives the B fragments: g (and g + 8). A row
         # past m reads row m - 1 instead: it only feeds output columns that are never stored.
@@ -224,28 +244,50 @@ def make_kernel(value_type: str, cols: int, batch: int, activation: str | None, 
         for i in range(8):
             c[i] = np.float32(0.0)
             c_lo[i] = np.float32(0.0)
+        word = my_mask[0]
         for chunk in range(per_slice):
-            word = my_mask[chunk]
             w0 = np.uint32(word & low32)  # columns 0-31 of the chunk
             w1 = np.uint32(word >> shift32)  # columns 32-63
+            word = my_mask[chunk + 1]  # the next chunk's, in flight during this one
             rest = w1 if half else w0
             k = np.uint32(k_next + (np.uint32(cuda.popc(w0)) if half else zero))
             k_next = np.uint32(k_next + cuda.popc(w0) + cuda.popc(w1))
-            for i in range(8):
-                mine[i] = zero64
-            while rest != zero:
-                bit = np.uint32(cuda.ffs(rest) - 1)
-                rest = np.uint32(rest & np.uint32(rest - one))
-                v = int_to_half_bits(values[k]) if int8 else np.uint32(values[k])
-                store_half(tile, own_half, bit, v)
-                k = np.uint32(k + one)
+            # The value word holding value k, the bit where value k starts in it, and the word
+            # after it (the padding words keep both loads inside the array).
+            my_values = values[np.uint32(k >> word_shift):]
+            cur = my_values[0]
+            nxt = my_values[1]
+            at = np.uint32(value_bits * (k & in_word))
+            j = np.uint32(2)
             first_col = np.uint32((warp * per_slice + chunk) * CHUNK_COLS)
             if first_col >= cols_u:  # a padding chunk: no kept value; any finite x will do
                 first_col = zero
             col = np.uint32(first_col + 16 * t)  # the lane's 16 columns of the chunk
+            # fp16 x's runs for both halves are 16 registers, float32 x's 32: the second half of
+            # float32 x waits for the walk's end, or the registers would halve the blocks an SM holds.
+            run0 = load_x_run(x, x_rows[0], col)
+            early = halves == 2 and not split
+            run1 = load_x_run(x, x_rows[1], col) if early else run0
+            for i in range(8):
+                mine[i] = zero64
+            while rest != zero:
+                if at == word_bits:  # the next word arrived while this one's values were stored
+                    cur = nxt
+                    nxt = my_values[j]
+                    j = np.uint32(j + one)
+                    at = zero
+                bit = np.uint32(cuda.ffs(rest) - 1)
+                rest = np.uint32(rest & np.uint32(rest - one))
+                v = np.uint32(cur >> np.uint64(at))  # the store keeps the low 16 bits: no mask for fp16
+                if int8:  # sign-extend the byte, then its exact fp16
+                    v = int_to_half_bits(np.int32(v & byte) - ((np.int32(v) & sign8) << 1))
+                store_half(tile, own_half, bit, v)
+                at = np.uint32(at + value_bits)
             warp_sync()
+            if halves == 2 and not early:
+                run1 = load_x_run(x, x_rows[1], col)
             for nb in range(halves):
-                run = load_x_run(x, x_rows[nb], col)
+                run = run0 if nb == 0 else run1
                 for step in range(4):  # the chunk's 16-column steps
                     pg = a_g[step]  # row g: a0 low, a2 high
                     pg8 = a_g8[step]  # row g + 8: a1, a3
