@@ -5,6 +5,8 @@
 #                                            # probe, kernel benchmark (lanes, runs and mma designs at
 #                                            # 75%), Nsight Compute on one launch where counters exist
 #                                            # (sections, then the counters that say what bounds the walk)
+#   bash benchmarks/gpu_session.sh mma       # the mma design alone: its GPU tests, benchmark beside lanes,
+#                                            # counters of a batch-16 launch (about 3 minutes)
 #   bash benchmarks/gpu_session.sh profile   # Nsight Compute on the bitmask kernels (needs hardware
 #                                            # counters: Firecracker machines have them, gVisor ones not)
 #   bash benchmarks/gpu_session.sh e2e GGUF  # SmolLM2-135M on target="cuda" vs eager, the CUDA artifact
@@ -56,6 +58,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit (0: skip), keep its o
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s"
 }
 
+metrics=smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum
+metrics=$metrics,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio
+metrics=$metrics,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio
+metrics=$metrics,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio
+metrics=$metrics,smsp__average_warps_issue_stalled_branch_resolving_per_issue_active.ratio
+metrics=$metrics,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio
+metrics=$metrics,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum
+metrics=$metrics,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum
+metrics=$metrics,l1tex__m_xbar2l1tex_read_bytes.sum,dram__bytes_read.sum,gpu__time_duration.sum
+metrics=$metrics,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__warps_active.avg.per_cycle_active
+
 case "${1:-}" in
   kernels)
     step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv;
@@ -79,32 +92,41 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
       --sparsities 0.75 --batches 1 --warps 4,8 --json "$OUT/gpu_tune.json"
     # Hardware counters where the machine exposes them (Firecracker yes, gVisor no): one launch
     # of each DESIGN:BATCH named in PROFILE_CASES, fp16, 11008x4096 at 75%. --kernel-name keeps
-    # torch's own kernels out of the count (unfiltered, the skipped launches were torch's).
+    # torch's and cuBLAS's kernels out of the count: numba's are named "kernel[abi:...]", the
+    # float64 reference's cuBLAS GEMV plain "kernel<...>" (regex:bitmask matched none of ours).
     # The metrics decide what bounds the walk (docs/performance.md, "What the next GPU run must
     # decide"): issue slots (issue_active near 100%), waits on loads (long_scoreboard stalls
     # per issued instruction), or the L1 (wavefronts per global load request: 1 for a coalesced
     # warp load, up to 32 when each lane reads its own line).
-    metrics=smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum
-    metrics=$metrics,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio
-    metrics=$metrics,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio
-    metrics=$metrics,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio
-    metrics=$metrics,smsp__average_warps_issue_stalled_branch_resolving_per_issue_active.ratio
-    metrics=$metrics,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio
-    metrics=$metrics,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum
-    metrics=$metrics,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum
-    metrics=$metrics,l1tex__m_xbar2l1tex_read_bytes.sum,dram__bytes_read.sum,gpu__time_duration.sum
     # The named metrics run as a step of their own: a name this ncu does not know fails only it.
     for case in ${PROFILE_CASES:-lanes:1 mma:16}; do
       design=${case%%:*} batch=${case##*:}
-      step "ncu_${design}_b$batch" "${PROFILE_LIMIT:-45}" ncu --clock-control none --kernel-name regex:bitmask \
+      step "ncu_${design}_b$batch" "${PROFILE_LIMIT:-45}" ncu --clock-control none --kernel-name 'regex:^kernel\[' \
         --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         --section MemoryWorkloadAnalysis $PY benchmarks/gpu_profile.py --design "$design" --value-type fp16 \
         --batch "$batch"
       step "ncu_metrics_${design}_b$batch" "${METRICS_LIMIT:-35}" ncu --clock-control none \
-        --kernel-name regex:bitmask --launch-skip 2 --launch-count 1 --metrics "$metrics" \
+        --kernel-name 'regex:^kernel\[' --launch-skip 2 --launch-count 1 --metrics "$metrics" \
         $PY benchmarks/gpu_profile.py --design "$design" --value-type fp16 --batch "$batch"
     done
+    ;;
+  mma)
+    # The tensor-core design alone, for a short call after a change to it: its kernel tests on
+    # the GPU, the benchmark at 75% beside lanes (fp16 and int8 values, batch 1 and 16) and at
+    # 50% and 90% (batch 16), then the counters of one batch-16 launch.
+    step tests "${TESTS_LIMIT:-60}" $PYTEST tests/test_cuda_kernels.py -k "mma or large_batches"
+    step bench_mma "${BENCH_LIMIT:-100}" $PY benchmarks/gpu_kernels.py --sparsities 0.75 --batches 1,16 \
+      --value-types fp16,int8 --designs mma,lanes --json "$OUT/gpu_kernels_mma.json"
+    step bench_mma_other "${BENCH2_LIMIT:-40}" $PY benchmarks/gpu_kernels.py --sparsities 0.5,0.9 --batches 16 \
+      --value-types fp16 --shapes 4096x4096,11008x4096 --designs mma --json "$OUT/gpu_kernels_mma_other.json"
+    step ncu_mma_b16 "${PROFILE_LIMIT:-45}" ncu --clock-control none --kernel-name 'regex:^kernel\[' \
+      --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+      --section SchedulerStats --section LaunchStats $PY benchmarks/gpu_profile.py --design mma \
+      --value-type fp16 --batch 16
+    step ncu_metrics_mma_b16 "${METRICS_LIMIT:-35}" ncu --clock-control none --kernel-name 'regex:^kernel\[' \
+      --launch-skip 2 --launch-count 1 --metrics "$metrics" $PY benchmarks/gpu_profile.py --design mma \
+      --value-type fp16 --batch 16
     ;;
   profile)
     # One profiled launch per kernel (after warm-up and compilation), the sections that say what
@@ -114,7 +136,7 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
     for case in "lanes fp16 auto" "lanes fp16 off" "lanes int4 auto" "runs fp16 auto" "tiles fp16 auto"; do
       set -- $case
       # shellcheck disable=SC2086
-      step "ncu_$1_$2_stage-$3" "${PROFILE_LIMIT:-90}" ncu --clock-control none --kernel-name regex:bitmask \
+      step "ncu_$1_$2_stage-$3" "${PROFILE_LIMIT:-90}" ncu --clock-control none --kernel-name 'regex:^kernel\[' \
         --launch-skip 2 --launch-count 1 $sections $PY benchmarks/gpu_profile.py --design "$1" --value-type "$2" --stage-x "$3"
     done
     ;;
@@ -144,7 +166,7 @@ from sparsec.codegen.cuda import cuda_available; print(\"cuda_available:\", cuda
       ${RECOVERY_ARGS:---sparsities 0.8,0.7 --steps 400 --teacher-steps 30 --batch 8 --seq-len 512 --calibration 16 --eval-windows 32 --threads 16}
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh kernels | profile | e2e GGUF | recovery GGUF" >&2
+    echo "usage: bash benchmarks/gpu_session.sh kernels | mma | profile | e2e GGUF | recovery GGUF" >&2
     exit 2
     ;;
 esac
