@@ -251,6 +251,8 @@ def _missing_feature() -> str:
      ["lacks", "recompile the model on this machine"]),
     (lambda p: _edit_manifest(p, lambda m: m["layers"][0].update(design="runs")), ["kernel design 'runs'",
                                                                                     "target 'cpu'", "recompile"]),
+    (lambda p: _edit_manifest(p, lambda m: m["layers"][0].update(dense_from=32)), ["dense_from 32",
+                                                                                    "target 'cpu'", "recompile"]),
 ])
 def test_damaged_artifacts_are_refused_and_left_alone(llama_artifact, tmp_path, damage, words):
     _, src, _, _ = llama_artifact

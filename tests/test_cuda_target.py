@@ -136,12 +136,43 @@ def test_lower_cuda_design_picks_the_bitmask_kernel(design):
 
 
 def test_lower_cuda_names_the_designs_the_code_generator_builds():
-    from sparsec.codegen.cuda import BITMASK_DESIGNS
+    from sparsec.codegen.cuda import BITMASK_DESIGNS, DENSE_FROM_ROWS
     from sparsec.codegen.cuda.bitmask_mma import VALUE_TYPES
-    from sparsec.passes.lower import CUDA_BITMASK_DESIGNS, MMA_VALUE_TYPES
+    from sparsec.passes.lower import CUDA_BITMASK_DESIGNS, CUDA_DENSE_FROM_ROWS, MMA_VALUE_TYPES
 
     assert CUDA_BITMASK_DESIGNS == BITMASK_DESIGNS
     assert MMA_VALUE_TYPES == VALUE_TYPES
+    assert CUDA_DENSE_FROM_ROWS == DENSE_FROM_ROWS
+
+
+@pytest.mark.parametrize(("option", "dense_from"), [("", 64), (",dense_from=32", 32), (",dense_from=0", None)])
+def test_lower_cuda_dense_from_sets_where_prefill_runs_the_dense_weight(option, dense_from):
+    model, _ = _small_mlp()
+    x = torch.randn(40, model[0].in_features, generator=torch.Generator().manual_seed(5))
+    pipeline = f"prune-magnitude{{sparsity=0.5}},lower-cuda{{value_type=fp16{option}}}"
+    compiled = sparsec.compile(model, x, pipeline, target="cuda")
+    # printed back when not the default, so the run can be repeated from the text
+    assert (option.lstrip(",") in compiled.pipeline) if option else "dense_from" not in compiled.pipeline
+    layers = compiled.kernels()
+    assert layers and all(k.kernel.dense_from == dense_from for k in layers)
+    reference = copy.deepcopy(model)
+    for k in layers:
+        reference.get_submodule(k.layer).weight = torch.nn.Parameter(k.packed.unpack(), requires_grad=False)
+    with torch.no_grad():
+        assert _rel(compiled(x), reference(x)) < 1e-4
+    # 40 rows: from 32 on the dense weight runs (and is kept), at 64 or never the layer stays sparse
+    assert all(bool(k.kernel._dense) == (dense_from == 32) for k in layers)
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_a_bad_dense_from_is_refused_in_one_line(value):
+    model, x = _small_mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(Exception) as info:
+        sparsec.compile(model, x, f"prune-magnitude{{sparsity=0.5}},lower-cuda{{dense_from={value}}}", target="cuda")
+    message = str(info.value)
+    assert "\n" not in message and "dense_from" in message, message
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_an_unknown_lower_cuda_design_is_refused_in_one_line():

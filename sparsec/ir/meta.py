@@ -45,8 +45,10 @@ FORMAT = "sparsec.format"
 FUSION = "sparsec.fusion"
 
 #: ``{"target": "cpu" | "cuda", "format": str, "value_type": str, "group_size": int | None}``, plus
-#: ``"design": str`` where ``lower-cuda{design=...}`` named the bitmask kernel: set by ``lower-cpu``
-#: / ``lower-cuda``; the runtime replaces every node carrying it with a kernel call.
+#: ``"design": str`` where ``lower-cuda{design=...}`` named the bitmask kernel, and ``"dense_from":
+#: int | None`` where ``lower-cuda{dense_from=...}`` moved the prefill threshold (``None``: never):
+#: set by ``lower-cpu`` / ``lower-cuda``; the runtime replaces every node carrying it with a kernel
+#: call, built with those two as options.
 LOWERING = "sparsec.lowering"
 
 #: ``int``: index of the repeated block (decoder layer) whose output this node is, for taps.

@@ -9,7 +9,8 @@ replaces every lowered node with a call of its kernel (passes never import the r
 Format and value type come from ``select-format`` (``meta.FORMAT``) and ``quantize``
 (``meta.QUANT``) when those ran; otherwise a masked layer is stored as a bitmask and an unmasked
 one stays dense, with the values in ``value_type`` (default fp32). ``lower-cuda`` may also
-name the bitmask kernel design (``design=runs``); the runtime builds that kernel.
+name the bitmask kernel design (``design=runs``), and the rows from which a call runs cuBLAS on
+the dense weight instead (``dense_from``); the runtime builds the kernel so.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ class LowerCpu(_Lower):
 CUDA_BITMASK_DESIGNS: tuple[str, ...] = ("lanes", "runs", "tiles", "mma")
 #: Value types the ``mma`` design runs (``sparsec.codegen.cuda.bitmask_mma.VALUE_TYPES``).
 MMA_VALUE_TYPES: tuple[str, ...] = ("fp16", "int8")
+#: ``lower-cuda``'s default ``dense_from`` (``sparsec.codegen.cuda.DENSE_FROM_ROWS``; a test keeps
+#: them equal).
+CUDA_DENSE_FROM_ROWS = 64
 
 
 @register_pass
@@ -137,6 +141,11 @@ class LowerCuda(_Lower):
 
     ``design``: the bitmask kernel (``auto``: the code generator's default; see
     ``sparsec.codegen.cuda.build_linear_kernel``); other formats ignore it.
+
+    ``dense_from``: from this many rows of ``x`` on (a prompt's prefill), a sparse layer's call
+    runs one cuBLAS product on its dense weight, unpacked on the first such call and kept on the
+    GPU; ``0``: never, every call stays sparse and no dense copy is made (for a server that
+    cannot hold one). Dense layers run cuBLAS at any batch and ignore it.
     """
 
     name: ClassVar[str] = "lower-cuda"
@@ -145,9 +154,13 @@ class LowerCuda(_Lower):
     value_type: str = "auto"
     group: int = 128
     design: str = "auto"
+    dense_from: int = CUDA_DENSE_FROM_ROWS
 
     def validate(self) -> None:
         super().validate()
+        if isinstance(self.dense_from, bool) or not isinstance(self.dense_from, int) or self.dense_from < 0:
+            raise PassOptionError(f"{self.name}: dense_from must be a whole number of rows (0: never run the "
+                                  f"dense weight), got {self.dense_from!r}")
         if self.design != "auto" and self.design not in CUDA_BITMASK_DESIGNS:
             raise PassOptionError(f"{self.name}: unknown design {self.design!r}; "
                                   f"use auto or one of {', '.join(CUDA_BITMASK_DESIGNS)}")
@@ -164,6 +177,9 @@ class LowerCuda(_Lower):
         return fmt, vt, group
 
     def _kernel_options(self, fmt: str) -> dict:
-        return {"design": self.design} if self.design != "auto" and fmt == "bitmask" else {}
+        options: dict = {"design": self.design} if self.design != "auto" and fmt == "bitmask" else {}
+        if self.dense_from != CUDA_DENSE_FROM_ROWS and fmt != "dense":
+            options["dense_from"] = self.dense_from or None  # None: never
+        return options
 
 

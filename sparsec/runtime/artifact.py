@@ -157,7 +157,7 @@ def save_artifact(compiled: Any, path: str | os.PathLike, tokenizer: Any = None)
                            "value_type": packed.value_type, "shape": list(packed.shape),
                            "options": _jsonable(packed.options()), "nbytes": packed.nbytes(),
                            "activation": module.activation, "bias": module.bias is not None,
-                           **({"design": module.design} if getattr(module, "design", None) else {})})
+                           **module.kernel_options})
             if module.bias is not None:
                 tensors[f"graph.{name}.bias"] = module.bias
     graph_desc, graph_tensors = encode_graph(gm, set(kernel_modules))

@@ -34,19 +34,26 @@ class KernelLinear(nn.Module):
     """
 
     def __init__(self, layer: str, packed: PackedWeight, kernel: Any, bias: torch.Tensor | None,
-                 activation: str | None, target: str, design: str | None = None) -> None:
+                 activation: str | None, target: str, kernel_options: dict | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.packed = packed
         self.kernel = kernel
         self.activation = activation
         self.target = target
-        self.design = design  # the CUDA bitmask kernel design asked for (None: the default)
+        # What the kernel was built with beyond the packed weight (``design``, ``dense_from``):
+        # an artifact records it so that loading builds the same kernel.
+        self.kernel_options = dict(kernel_options or {})
         self.out_features, self.in_features = packed.shape
         if bias is not None:
             self.register_buffer("bias", bias.detach().clone())
         else:
             self.bias = None
+
+    @property
+    def design(self) -> str | None:
+        """The CUDA bitmask kernel design asked for (None: the code generator's default)."""
+        return self.kernel_options.get("design")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kernels are inference code: they read raw buffers and have no backward.
@@ -61,6 +68,10 @@ class KernelLinear(nn.Module):
         p = self.packed
         return (f"{self.layer}: {p.format_name}/{p.value_type} {self.out_features}x{self.in_features}, "
                 f"{p.nbytes()} bytes, target={self.target}, activation={self.activation}")
+
+
+#: The ``meta.LOWERING`` keys that are options of the kernel builder (only ``lower-cuda`` sets them).
+KERNEL_OPTIONS = ("design", "dense_from")
 
 
 def kernel_builder(target: str):
@@ -136,13 +147,13 @@ def build_compiled(gm: fx.GraphModule, target: str, verify_inputs: tuple[tuple, 
         activation = fusion.get("activation")
         bias = gm.get_parameter(layer.bias).detach() if layer.bias else None
         replaced.update(t for t in (layer.weight, layer.bias, node.meta.get(meta.MASK)) if t)
-        design = node.meta[meta.LOWERING].get("design")
+        options = {k: v for k, v in node.meta[meta.LOWERING].items() if k in KERNEL_OPTIONS}
         t0 = time.perf_counter()
-        kernel = build(packed, bias=bias, activation=activation, **({"design": design} if design else {}))
+        kernel = build(packed, bias=bias, activation=activation, **options)
         seconds = time.perf_counter() - t0
         result.kernel_seconds += seconds
         module_name = f"sparsec_kernel_{index}"
-        gm.add_submodule(module_name, KernelLinear(layer.name, packed, kernel, bias, activation, target, design))
+        gm.add_submodule(module_name, KernelLinear(layer.name, packed, kernel, bias, activation, target, options))
         x = node.args[1] if layer.kind == "addmm_t" else node.args[0]
         with graph.inserting_before(node):
             call = graph.call_module(module_name, (x,))

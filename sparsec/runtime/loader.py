@@ -528,8 +528,15 @@ def _load(root: Path) -> Any:
         if design is not None and (target != "cuda" or design not in _cuda_designs()):
             raise ArtifactError(f"layer {layer['layer']}: kernel design {design!r} is not one sparsec builds for "
                                 f"target {target!r}; the manifest was edited: recompile the model")
-        kernel = build(packed, bias=bias, activation=layer.get("activation"), **({"design": design} if design else {}))
-        kernels[name] = KernelLinear(layer["layer"], packed, kernel, bias, layer.get("activation"), target, design)
+        options = {"design": design} if design is not None else {}
+        if "dense_from" in layer:
+            dense_from = layer["dense_from"]
+            if target != "cuda" or not (dense_from is None or (type(dense_from) is int and dense_from >= 1)):
+                raise ArtifactError(f"layer {layer['layer']}: dense_from {dense_from!r} is not a row count sparsec "
+                                    f"records for target {target!r}; the manifest was edited: recompile the model")
+            options["dense_from"] = dense_from
+        kernel = build(packed, bias=bias, activation=layer.get("activation"), **options)
+        kernels[name] = KernelLinear(layer["layer"], packed, kernel, bias, layer.get("activation"), target, options)
     if target == "cuda":
         from sparsec.codegen.cuda.aot import missing_kernels
 
