@@ -145,23 +145,29 @@ def test_lower_cuda_names_the_designs_the_code_generator_builds():
     assert CUDA_DENSE_FROM_ROWS == DENSE_FROM_ROWS
 
 
-@pytest.mark.parametrize(("option", "dense_from"), [("", 64), (",dense_from=32", 32), (",dense_from=0", None)])
+@pytest.mark.parametrize(("option", "dense_from"), [("", 64), (",dense_from=4", 4), (",dense_from=0", None)])
 def test_lower_cuda_dense_from_sets_where_prefill_runs_the_dense_weight(option, dense_from):
     model, _ = _small_mlp()
-    x = torch.randn(40, model[0].in_features, generator=torch.Generator().manual_seed(5))
+    # 6 rows: one sparse launch a layer on the simulator (its threads are Python threads: a 40-row
+    # call, three launches, took a minute)
+    x = torch.randn(6, model[0].in_features, generator=torch.Generator().manual_seed(5))
     pipeline = f"prune-magnitude{{sparsity=0.5}},lower-cuda{{value_type=fp16{option}}}"
     compiled = sparsec.compile(model, x, pipeline, target="cuda")
     # printed back when not the default, so the run can be repeated from the text
     assert (option.lstrip(",") in compiled.pipeline) if option else "dense_from" not in compiled.pipeline
     layers = compiled.kernels()
     assert layers and all(k.kernel.dense_from == dense_from for k in layers)
-    reference = copy.deepcopy(model)
-    for k in layers:
-        reference.get_submodule(k.layer).weight = torch.nn.Parameter(k.packed.unpack(), requires_grad=False)
-    with torch.no_grad():
-        assert _rel(compiled(x), reference(x)) < 1e-4
-    # 40 rows: from 32 on the dense weight runs (and is kept), at 64 or never the layer stays sparse
-    assert all(bool(k.kernel._dense) == (dense_from == 32) for k in layers)
+    # compile() ran the model once on x against eager with the pruned fp32 weights (fp16 values
+    # differ by their rounding): 6 rows run the dense weight from 4 on and keep it; at 64, or
+    # never, the layers stay sparse
+    assert compiled.report.max_rel_error < 2e-3
+    assert all(bool(k.kernel._dense) == (dense_from == 4) for k in layers)
+    if dense_from == 4:  # the dense path, against the stored values exactly (fast: no simulated launch)
+        reference = copy.deepcopy(model)
+        for k in layers:
+            reference.get_submodule(k.layer).weight = torch.nn.Parameter(k.packed.unpack(), requires_grad=False)
+        with torch.no_grad():
+            assert _rel(compiled(x), reference(x)) < 1e-5
 
 
 @pytest.mark.parametrize("value", ["-1", "many"])
