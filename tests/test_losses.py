@@ -154,3 +154,35 @@ def test_bad_inputs_are_refused():
         LossWeights(ce=0, kl=0, squarehead=0)
     with pytest.raises(LossInputError, match="temperature"):
         LossWeights(temperature=0)
+
+
+def test_sink_exclusion_changes_which_positions_count():
+    # Teacher: token 0 is a massive-activation sink (norm 1000), tokens 1-3 are ordinary.
+    g = torch.Generator().manual_seed(4)
+    ht = torch.randn(2, 4, 8, generator=g)
+    ht[:, 0, 0] = 1000.0
+    hs = ht + 0.1 * torch.randn(2, 4, 8, generator=g)
+    hs[:, 0, 0] += 50.0  # a large error on the sink alone
+    rest_s, rest_t = hs[:, 1:].double(), ht[:, 1:].double()
+    expected = ((rest_s - rest_t) ** 2).mean() / ((rest_t ** 2).mean() + SQUAREHEAD_EPS)
+    for rule in ("first", "norm:20"):
+        got = squarehead([hs], [ht], sinks=rule)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5), rule
+    # kept in, the sink sets the normalizer: the ordinary tokens' error all but vanishes
+    whole = squarehead([hs], [ht])
+    assert whole.item() != pytest.approx(expected.item(), rel=0.1)
+    # per-token normalization without sinks counts the sink as one token among four
+    per_token = squarehead([hs], [ht], normalize="token", sinks="first")
+    by_token = ((rest_s - rest_t) ** 2).mean(-1) / ((rest_t ** 2).mean(-1) + SQUAREHEAD_EPS)
+    assert per_token.item() == pytest.approx(by_token.mean().item(), rel=1e-5)
+
+
+def test_sink_rule_that_leaves_no_token_or_is_malformed_is_refused():
+    ht = torch.ones(1, 1, 4)
+    with pytest.raises(LossInputError, match="leave no token"):
+        squarehead([ht], [ht], sinks="first")
+    for bad in ("last", "norm:1", "norm:x", "norm:inf"):
+        with pytest.raises(LossInputError, match="unknown sinks rule"):
+            squarehead([ht], [ht], sinks=bad)
+    with pytest.raises(LossInputError, match="unknown sinks rule"):
+        LossWeights(squarehead_sinks="norm:0")

@@ -22,6 +22,9 @@ selects the positions, and ``None`` means every position is real.
   SmolLM2-135M one channel near 26,700 from block 11 on, 92-99.6% of a 128-token window's sum of
   squares), so the per-layer normalizer is that one token's energy and the other tokens' errors
   are divided by a number about a hundred times their own.
+  ``sinks`` leaves such positions out of SquareHead altogether: ``"first"`` the first token of
+  every sequence, ``"norm:K"`` every token whose teacher hidden-state norm exceeds ``K`` times the
+  median norm of its sequence, ``"none"`` (the authors') keeps every real token.
 
 :func:`distillation_loss` combines them, ``total = a * CE + b * KL + c * SquareHead``, and
 returns every component (detached) for logging; components with weight 0 are not computed.
@@ -89,10 +92,38 @@ def kl_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 SQUAREHEAD_NORMALIZATIONS = ("layer", "token")
 
 
+def check_sinks(rule: str) -> float | None:
+    """Validate a ``sinks`` rule (``none``, ``first`` or ``norm:K`` with K > 1); returns K or None."""
+    if rule in ("none", "first"):
+        return None
+    if rule.startswith("norm:"):
+        try:
+            k = float(rule[5:])
+        except ValueError:
+            k = float("nan")
+        if k > 1 and math.isfinite(k):
+            return k
+    raise LossInputError(f"unknown sinks rule {rule!r}; use none, first, or norm:K with K > 1 (e.g. norm:20: "
+                         f"leave out tokens whose teacher norm exceeds 20x their sequence's median)")
+
+
+def sink_positions(teacher_hidden: torch.Tensor, rule: str) -> torch.Tensor:
+    """Bool ``[batch, seq]``: the positions ``rule`` leaves out of SquareHead (module docstring)."""
+    k = check_sinks(rule)
+    sinks = torch.zeros(teacher_hidden.shape[:2], dtype=torch.bool, device=teacher_hidden.device)
+    if rule == "first":
+        sinks[:, 0] = True
+    elif k is not None:
+        norms = teacher_hidden.detach().float().norm(dim=-1)
+        sinks = norms > k * norms.median(dim=1, keepdim=True).values
+    return sinks
+
+
 def squarehead_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                      attention_mask: torch.Tensor | None = None, eps: float = SQUAREHEAD_EPS,
-                     normalize: str = "layer") -> torch.Tensor:
+                     normalize: str = "layer", sinks: str = "none") -> torch.Tensor:
     """The per-layer terms ``L_l`` as a 1-D tensor of length L (see the module docstring)."""
+    check_sinks(sinks)
     if normalize not in SQUAREHEAD_NORMALIZATIONS:
         raise LossInputError(f"unknown SquareHead normalization {normalize!r}; use "
                              f"{' or '.join(SQUAREHEAD_NORMALIZATIONS)}")
@@ -107,8 +138,11 @@ def squarehead_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Seq
             raise LossInputError(f"block {index}: student hidden state {tuple(hs.shape)} and teacher "
                                  f"{tuple(ht.shape)} differ (hidden size or sequence length)")
         real = _token_mask(attention_mask, hs.shape[:2], hs.device)
+        if sinks != "none":
+            real = real & ~sink_positions(ht, sinks)
         if not real.any():
-            raise LossInputError("the attention mask selects no token")
+            raise LossInputError("the attention mask selects no token" if sinks == "none" else
+                                 f"the attention mask and sinks={sinks} leave no token")
         s, t = hs[real].float(), ht[real].float()  # [tokens, hidden]
         if normalize == "layer":
             terms.append((s - t).pow(2).mean() / (t.pow(2).mean() + eps))
@@ -119,9 +153,9 @@ def squarehead_terms(student_hidden: Sequence[torch.Tensor], teacher_hidden: Seq
 
 def squarehead(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                attention_mask: torch.Tensor | None = None, eps: float = SQUAREHEAD_EPS,
-               normalize: str = "layer") -> torch.Tensor:
+               normalize: str = "layer", sinks: str = "none") -> torch.Tensor:
     """SquareHead: the per-layer normalized MSE terms, summed over layers."""
-    return squarehead_terms(student_hidden, teacher_hidden, attention_mask, eps, normalize).sum()
+    return squarehead_terms(student_hidden, teacher_hidden, attention_mask, eps, normalize, sinks).sum()
 
 
 @dataclass(frozen=True)
@@ -135,6 +169,8 @@ class LossWeights:
     temperature: float = 1.0
     #: ``layer`` (the authors') or ``token``: see the module docstring
     squarehead_normalize: str = "layer"
+    #: positions SquareHead leaves out: ``none`` (the authors'), ``first`` or ``norm:K``
+    squarehead_sinks: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("ce", "kl", "squarehead"):
@@ -148,6 +184,7 @@ class LossWeights:
         if self.squarehead_normalize not in SQUAREHEAD_NORMALIZATIONS:
             raise LossInputError(f"squarehead_normalize must be {' or '.join(SQUAREHEAD_NORMALIZATIONS)}, "
                                  f"got {self.squarehead_normalize!r}")
+        check_sinks(self.squarehead_sinks)
 
     @property
     def needs_teacher(self) -> bool:
@@ -181,7 +218,8 @@ def distillation_loss(weights: LossWeights, input_ids: torch.Tensor, student_log
         total = total + weights.kl * kl
         parts["kl"] = kl.detach()
     if weights.squarehead > 0:
-        sq = squarehead(student_hidden, teacher_hidden, attention_mask, normalize=weights.squarehead_normalize)
+        sq = squarehead(student_hidden, teacher_hidden, attention_mask, normalize=weights.squarehead_normalize,
+                        sinks=weights.squarehead_sinks)
         total = total + weights.squarehead * sq
         parts["squarehead"] = sq.detach()
     parts["loss"] = total.detach()

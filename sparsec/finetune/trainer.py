@@ -86,6 +86,8 @@ class FinetuneConfig:
     temperature: float = 1.0
     #: SquareHead's normalizer: ``layer`` (the authors') or ``token`` (see ``losses.py``)
     squarehead_normalize: str = "layer"
+    #: positions SquareHead leaves out: ``none``, ``first`` or ``norm:K`` (see ``losses.py``)
+    squarehead_sinks: str = "none"
     bf16: bool = False
     seed: int = 0
     #: comma-separated glob patterns of the blocks to tap (empty: found automatically)
@@ -133,7 +135,8 @@ class FinetuneConfig:
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(ce=self.ce, kl=self.kl, squarehead=self.squarehead, temperature=self.temperature,
-                           squarehead_normalize=self.squarehead_normalize)
+                           squarehead_normalize=self.squarehead_normalize,
+                           squarehead_sinks=self.squarehead_sinks)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}

@@ -120,7 +120,7 @@ def calibrate_layers(gm: fx.GraphModule, layers: Iterable[WeightedLayer],
     targets = _target_nodes(gm, layers)
     for node, layer in targets.items():
         _input_position(gm, node, layer)  # refuse unsupported ops before running anything
-    inputs = [_bind(gm, args, kwargs, i) for i, (args, kwargs) in enumerate(samples)]
+    inputs = [bind_placeholders(gm, args, kwargs, i) for i, (args, kwargs) in enumerate(samples)]
     return _Run(gm, targets, inputs, on_layer, stats_kinds, progress).run()
 
 
@@ -364,7 +364,7 @@ def _check_samples(calibration: Any) -> list[tuple[tuple, dict]]:
     return samples
 
 
-def _bind(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> list[Any]:
+def bind_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int = 0) -> list[Any]:
     """The values of ``gm``'s placeholders for one call ``gm(*args, **kwargs)``."""
     sig = inspect.signature(gm.forward)
     try:

@@ -35,6 +35,7 @@ from sparsec.passes.masks import (
     masked_fraction,
     select_layers,
 )
+from sparsec.passes.owl import block_of, check_owl, owl_targets
 
 #: ``criterion(layer, stats, w)`` -> ``(new_w, keep, info)``: ``w`` the float64 ``[out, in]``
 #: matrix (a copy the criterion may modify), ``new_w`` the updated matrix (forced to zero where
@@ -83,7 +84,8 @@ def prune_with_calibration(gm: fx.GraphModule, layers: list[WeightedLayer],
 
 
 def validate_sparsity_nm(p: Any) -> None:
-    """Shared option checks of the calibrated pruning passes (``sparsity``, ``n``, ``m``, ``overrides``)."""
+    """Shared option checks of the calibrated pruning passes (``sparsity``, ``n``, ``m``, ``overrides``,
+    ``owl_lambda``, ``owl_m``)."""
     try:
         check_sparsity(p.sparsity)
         if p.n or p.m:
@@ -97,13 +99,15 @@ def validate_sparsity_nm(p: Any) -> None:
                                   f"drop sparsity={p.sparsity} or drop n/m")
         if p.overrides:
             raise PassOptionError(f"{p.name}: overrides apply to unstructured sparsity only, not to n:m")
+    check_owl(p)
 
 
 def run_calibrated(p: Any, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Validate everything, then prune ``p``'s chosen layers through the calibration engine.
 
-    ``p`` provides ``layers``, ``ignore``, ``overrides``, ``sparsity``, ``n``, ``m``, ``criterion``,
-    ``statistics()`` and ``prune_layer(layer, stats, w, target)``.
+    ``p`` provides ``layers``, ``ignore``, ``overrides``, ``sparsity``, ``n``, ``m``, ``owl_lambda``,
+    ``owl_m``, ``criterion``, ``statistics()`` and ``prune_layer(layer, stats, w, target)``. With
+    ``owl_lambda`` the per-layer targets come from OWL (``owl.py``), measured on the dense model.
     """
     chosen = select_layers(gm, p.layers, p.ignore)
     check_finite(gm, chosen)
@@ -114,6 +118,9 @@ def run_calibrated(p: Any, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     calibration = calibration_from_context(ctx, p.name)
     if not chosen:
         return PassResult(gm, modified=False)
+    ratios: dict[str, float] = {}
+    if p.owl_lambda:
+        targets, ratios = owl_targets(gm, chosen, p.sparsity, p.owl_lambda, p.owl_m, calibration, ctx.progress)
 
     def criterion(layer: WeightedLayer, stats: LayerStatistics, w: torch.Tensor):
         return p.prune_layer(layer, stats, w, targets[layer.name])
@@ -125,6 +132,8 @@ def run_calibrated(p: Any, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                   "sparsity": masked_fraction(gm, layer), "calibration_samples": len(calibration)}
         if p.m:
             record.update({"pattern": f"{p.n}:{p.m}", "n": p.n, "m": p.m})
+        if ratios:
+            record["owl_outlier_ratio"] = ratios.get(block_of(layer, list(ratios)) or "", None)
         record.update(info.get(layer.name, {}))
         nodes[layer.name].meta[meta.PRUNE] = record
     return PassResult(gm, modified=True)

@@ -21,6 +21,7 @@ from sparsec.passes.masks import (
     select_layers,
     topk_keep_mask,
 )
+from sparsec.passes.owl import block_of, check_owl, owl_targets
 
 
 @register_pass
@@ -30,7 +31,9 @@ class PruneMagnitude(Pass):
 
     Options: ``sparsity`` in [0, 1); ``scope`` layer|global; ``layers`` comma-separated glob
     patterns (empty = every weighted layer); ``ignore`` patterns skipped (default: lm_head and
-    embeddings); ``overrides`` per-layer targets ``"q_proj=0.6;down_proj=0.4"`` (scope=layer only).
+    embeddings); ``overrides`` per-layer targets ``"q_proj=0.6;down_proj=0.4"`` (scope=layer only);
+    ``owl_lambda`` / ``owl_m`` per-block targets by outlier ratio (OWL, scope=layer; scores by
+    ``|w| * ||x||`` when the context has calibration data, else by ``|w|``).
     Ties are broken by index so the achieved sparsity is exactly ``round(sparsity * numel)``.
     """
 
@@ -40,6 +43,9 @@ class PruneMagnitude(Pass):
     layers: str = ""
     ignore: str = DEFAULT_IGNORE
     overrides: str = ""
+    #: OWL: per-block sparsity within +-owl_lambda of the target by outlier ratio (0: uniform)
+    owl_lambda: float = 0.0
+    owl_m: float = 5.0
 
     def validate(self) -> None:
         try:
@@ -48,13 +54,18 @@ class PruneMagnitude(Pass):
             raise PassOptionError(f"{self.name}: {e}") from None
         if self.scope not in ("layer", "global"):
             raise PassOptionError(f"{self.name}: scope must be 'layer' or 'global', got {self.scope!r}")
-        if self.scope == "global" and self.overrides:
-            raise PassOptionError(f"{self.name}: overrides apply to scope=layer only")
+        if self.scope == "global" and (self.overrides or self.owl_lambda):
+            raise PassOptionError(f"{self.name}: overrides and owl_lambda apply to scope=layer only")
+        check_owl(self)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         chosen = select_layers(gm, self.layers, self.ignore)
         check_finite(gm, chosen)
         targets = layer_targets(chosen, self.sparsity, self.overrides)
+        ratios: dict[str, float] = {}
+        if self.owl_lambda and chosen:
+            targets, ratios = owl_targets(gm, chosen, self.sparsity, self.owl_lambda, self.owl_m,
+                                          getattr(ctx, "calibration", None) or None, ctx.progress)
         if self.scope == "global":
             keeps = self._global_masks(gm, chosen)
         else:
@@ -68,6 +79,9 @@ class PruneMagnitude(Pass):
                 "target": targets[layer.name] if self.scope == "layer" else self.sparsity,
                 "sparsity": masked_fraction(gm, layer),
             }
+            if ratios:
+                nodes[layer.name].meta[meta.PRUNE]["owl_outlier_ratio"] = ratios.get(
+                    block_of(layer, list(ratios)) or "")
         return PassResult(gm, modified=bool(chosen))
 
     def _global_masks(self, gm, chosen) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ from sparsec.passes.masks import masked_fraction
 
 
 def sparsity_report(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
-    """``{layer name: {shape, target, achieved, criterion, pattern}}`` for every weighted layer, in
+    """``{layer name: {shape, target, achieved, criterion, pattern}}`` (and ``owl_outlier_ratio``,
+    the layer's block outlier ratio, where OWL chose the target) for every weighted layer, in
     graph order (a weight shared by several ops is listed once). ``achieved`` is the fraction of
     exact zeros in the weight; ``target`` is what the pass aimed for (for ``prune-block``, the
     fraction of blocks); ``pattern`` is ``"n:m"`` or a block shape where the pass imposed one."""
@@ -46,12 +47,15 @@ def sparsity_report(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
             "criterion": prune.get("criterion", "dense"),
             "pattern": prune.get("pattern", prune.get("block")),
         }
+        if "owl_outlier_ratio" in prune:  # why OWL gave this layer its target
+            records[layer.name]["owl_outlier_ratio"] = prune["owl_outlier_ratio"]
     return records
 
 
 def format_sparsity_table(report: dict[str, dict[str, Any]]) -> str:
     """The report as an aligned text table, with a last row of totals weighted by layer size."""
-    header = ("layer", "shape", "criterion", "target", "achieved")
+    owl = any("owl_outlier_ratio" in r for r in report.values())
+    header = ("layer", "shape", "criterion", "target", "achieved") + (("outliers",) if owl else ())
     rows = []
     zeros = total = 0.0
     for name, r in report.items():
@@ -60,8 +64,13 @@ def format_sparsity_table(report: dict[str, dict[str, Any]]) -> str:
         total += numel
         criterion = r["criterion"] + (f" {r['pattern']}" if r.get("pattern") else "")
         target = "-" if r["target"] is None else f"{r['target']:.4f}"
-        rows.append((name, f"{r['shape'][0]}x{r['shape'][1]}", criterion, target, f"{r['achieved']:.4f}"))
-    rows.append(("total", f"{int(total)} weights", "", "", f"{zeros / total:.4f}" if total else "-"))
+        row = (name, f"{r['shape'][0]}x{r['shape'][1]}", criterion, target, f"{r['achieved']:.4f}")
+        if owl:
+            ratio = r.get("owl_outlier_ratio")
+            row += ("-" if ratio is None else f"{ratio:.4f}",)
+        rows.append(row)
+    rows.append(("total", f"{int(total)} weights", "", "", f"{zeros / total:.4f}" if total else "-")
+                + (("",) if owl else ()))
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     def line(row: tuple) -> str:
         # text columns left-aligned, numbers right-aligned

@@ -96,8 +96,10 @@ class PruneSparseGPT(Pass):
     (``n`` kept of every ``m`` input columns; then sparsity is ``1 - n/m``); ``blocksize`` columns
     per lazy update and mask-selection block (a multiple of ``m``); ``percdamp`` the Hessian
     damping as a fraction of its mean diagonal; ``layers`` / ``ignore`` / ``overrides`` as in
-    ``prune-magnitude``. Needs ``ctx.calibration``. All or nothing: on any error (NaN/Inf weights
-    or activations, a bad option) the weights are left bit-identical.
+    ``prune-magnitude``; ``owl_lambda`` (e.g. 0.08) / ``owl_m`` (5) spread the sparsity over blocks
+    by their outlier ratio (OWL), keeping the overall sparsity exact. Needs ``ctx.calibration``.
+    All or nothing: on any error (NaN/Inf weights or activations, a bad option) the weights are
+    left bit-identical.
     """
 
     name: ClassVar[str] = "prune-sparsegpt"
@@ -109,6 +111,9 @@ class PruneSparseGPT(Pass):
     layers: str = ""
     ignore: str = DEFAULT_IGNORE
     overrides: str = ""
+    #: OWL: per-block sparsity within +-owl_lambda of the target by outlier ratio (0: uniform)
+    owl_lambda: float = 0.0
+    owl_m: float = 5.0
 
     criterion: ClassVar[str] = "sparsegpt"
 

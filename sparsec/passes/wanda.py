@@ -36,8 +36,10 @@ class PruneWanda(Pass):
     """Prune the lowest |w| * ||x_j|| of each output row (Wanda), calibrated on the already-pruned model.
 
     Options: ``sparsity`` in [0, 1) or ``n``/``m`` for N:M (``n`` kept of every ``m`` input
-    columns); ``layers`` / ``ignore`` / ``overrides`` as in ``prune-magnitude``. Needs
-    ``ctx.calibration``. All or nothing: on any error the weights are left bit-identical.
+    columns); ``layers`` / ``ignore`` / ``overrides`` as in ``prune-magnitude``;
+    ``owl_lambda`` (e.g. 0.08) / ``owl_m`` (5) spread the sparsity over blocks by their outlier
+    ratio (OWL), keeping the overall sparsity exact. Needs ``ctx.calibration``. All or nothing: on
+    any error the weights are left bit-identical.
     """
 
     name: ClassVar[str] = "prune-wanda"
@@ -47,6 +49,9 @@ class PruneWanda(Pass):
     layers: str = ""
     ignore: str = DEFAULT_IGNORE
     overrides: str = ""
+    #: OWL: per-block sparsity within +-owl_lambda of the target by outlier ratio (0: uniform)
+    owl_lambda: float = 0.0
+    owl_m: float = 5.0
 
     criterion: ClassVar[str] = "wanda"
 
