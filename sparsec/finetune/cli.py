@@ -67,6 +67,9 @@ def add_finetune_command(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--squarehead-normalize", choices=SQUAREHEAD_NORMALIZATIONS, default="layer",
                    help="SquareHead normalizer: one teacher energy per layer (the paper's) or per token "
                         "(default: %(default)s)")
+    g.add_argument("--squarehead-sinks", default="none",
+                   help="positions SquareHead leaves out: none, first, or norm:K (tokens whose teacher norm "
+                        "exceeds K x their sequence's median) (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=1.0, help="KL temperature (default: %(default)s)")
     g.add_argument("--blocks", default="",
                    help="glob patterns of the blocks to tap (default: found automatically)")
@@ -117,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         steps=args.steps, micro_batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup, max_grad_norm=args.max_grad_norm,
         ce=args.ce, kl=args.kl, squarehead=args.squarehead, temperature=args.temperature, bf16=args.bf16,
-        squarehead_normalize=args.squarehead_normalize,
+        squarehead_normalize=args.squarehead_normalize, squarehead_sinks=args.squarehead_sinks,
         seed=args.seed, blocks=args.blocks, device=args.device, strategy=args.strategy,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=not args.no_resume,
         stop_at=args.stop_at, progress=not args.quiet, gradual=parse_gradual(args.gradual))
