@@ -103,7 +103,7 @@ def main() -> None:
                     help="SparseGPT and block-wise windows (default: %(default)s)")
     ap.add_argument("--seq-len", type=int, default=256, help="training window tokens (default: %(default)s)")
     ap.add_argument("--blockwise-epochs", type=int, default=2, help="block-wise epochs (default: %(default)s)")
-    ap.add_argument("--global-steps", type=int, default=32,
+    ap.add_argument("--global-steps", type=int, default=16,
                     help="global distillation steps of 4 windows (default: %(default)s)")
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows (default: 8)")
     ap.add_argument("--eval-len", type=int, default=256, help="held-out window tokens (default: 256)")

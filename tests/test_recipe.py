@@ -116,3 +116,19 @@ def test_an_existing_directory_is_never_overwritten(tmp_path):
     with pytest.raises(RecipeError, match="already exists"):
         recover("no-such-model", RecipeConfig(**TINY), tmp_path / "taken")
     assert (tmp_path / "taken" / "file").read_text() == "mine"
+
+
+def test_generated_windows_are_the_dense_models_samples(tiny_folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsec.recipe import _global_data, sample_from
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    prompts = torch.randint(0, 1000, (3, 8), generator=torch.Generator().manual_seed(2))
+    samples = sample_from(model, prompts, seq_len=20, seed=5, batch=2)
+    assert samples.shape == (3, 20) and torch.equal(samples[:, :8], prompts)
+    assert torch.equal(samples, sample_from(model, prompts, seq_len=20, seed=5, batch=2))  # seeded
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    config = RecipeConfig(**{**TINY, "generated": 0.5, "global_steps": 2, "global_batch": 2})
+    data = _global_data(model, tok, config, log=lambda line: None)
+    assert data.shape == (4, 32)

@@ -181,8 +181,8 @@ def _lr_factor(step: int, steps: int, final_ratio: float) -> float:
 class _Chain:
     """One model's stages walked over every batch of windows; values are freed after their last reader."""
 
-    def __init__(self, gm: fx.GraphModule, constants: dict[str, Any], batches: list[torch.Tensor], blocks: str,
-                 role: str) -> None:
+    def __init__(self, gm: fx.GraphModule, constants: dict[str, Any], batches: list[torch.Tensor],
+                 blocks: str) -> None:
         self.stages = split_at_blocks(gm, blocks)
         self.position = 0
         last_use: dict[str, int] = {}
@@ -195,7 +195,6 @@ class _Chain:
         for ids in batches:  # full windows: a graph that takes a mask gets all ones
             extra = {"attention_mask": torch.ones_like(ids)} if takes_mask and "attention_mask" not in constants else {}
             self.envs.append(bind_inputs(gm, (), {"input_ids": ids, **extra, **constants}))
-        self.role = role
 
     def block_stages(self) -> list[Stage]:
         return [s for s in self.stages if s.kind == "block"]
@@ -263,8 +262,8 @@ class _Recovery:
         self.config, self.on_block = config, on_block
         self.s_gm = s_gm
         batches = [data[i: i + config.batch_size] for i in range(0, data.shape[0], config.batch_size)]
-        self.teacher = _Chain(t_gm, t_const, batches, config.blocks, "teacher")
-        self.student = _Chain(s_gm, s_const, batches, config.blocks, "student")
+        self.teacher = _Chain(t_gm, t_const, batches, config.blocks)
+        self.student = _Chain(s_gm, s_const, batches, config.blocks)
         t_blocks, s_blocks = self.teacher.block_stages(), self.student.block_stages()
         if len(t_blocks) != len(s_blocks):
             raise BlockwiseError(f"the student has {len(s_blocks)} blocks and the teacher {len(t_blocks)}; "
@@ -345,15 +344,13 @@ class _Recovery:
         try:
             for index, (s_stage, t_stage) in enumerate(self.pairs):
                 self.teacher.advance_to(t_stage)
-                teacher_inputs = [dict(env) for env in self.teacher.envs]
+                if self.config.inputs == "teacher":  # taken before the teacher's block frees them
+                    inputs = [self._teacher_values(s_stage, env) for env in self.teacher.envs]
                 self.teacher.run_current()
                 targets = [env[t_stage.output] for env in self.teacher.envs]
                 if self.config.inputs == "student":
                     self.student.advance_to(s_stage)
                     inputs = [{n: env[n] for n in s_stage.inputs} for env in self.student.envs]
-                else:
-                    inputs = [self._teacher_values(s_stage, env) for env in teacher_inputs]
-                del teacher_inputs
                 if index in self.done:
                     self._load_block(s_stage, index)
                     saved = self.done[index]
