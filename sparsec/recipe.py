@@ -70,15 +70,15 @@ class RecipeConfig:
     #: calibration and block-wise windows from the train split
     calibration: int = 64
     seq_len: int = 256
-    blockwise_epochs: int = 2
+    blockwise_epochs: int = 4
     blockwise_lr: float = 1e-3
     blockwise_inputs: str = "student"
     blockwise_normalize: str = "token"
     blockwise_sinks: str = "none"
     #: global distillation: optimizer steps of ``global_batch`` windows of ``seq_len`` tokens (0: skip)
-    global_steps: int = 64
+    global_steps: int = 32
     global_batch: int = 4
-    global_lr: float = 1e-4
+    global_lr: float = 3e-4
     ce: float = 1.0
     kl: float = 1.0
     squarehead: float = 0.0
@@ -335,7 +335,10 @@ def recover(model: str, config: RecipeConfig | None = None, output: str | os.Pat
             samples = [((), {"input_ids": w[None].clone(), **scap.constant_kwargs}) for w in calib]
             ctx = PassContext(calibration=samples, progress=config.progress)
             run_passes(scap.graph_module, Pipeline.parse(config.prune_text()).passes, ctx)
-            detail = {"pipeline": config.prune_text()}
+            from sparsec.passes.prune_report import sparsity_report
+
+            # per layer: OWL's target, the achieved sparsity and the block's outlier ratio
+            detail = {"pipeline": config.prune_text(), "layers": sparsity_report(scap.graph_module)}
         elif stage == "block-wise":
             from sparsec.finetune.blockwise import recover_blocks
 

@@ -48,6 +48,8 @@ def test_every_stage_runs_and_the_output_loads(tiny_folder, tmp_path, capsys):
     assert [s["stage"] for s in record["stages"]] == ["dense", "one-shot", "block-wise", "global", "compiled int8"]
     assert record["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert all(s["wiki_ppl"] > 1 and s["news_ppl"] > 1 for s in record["stages"])
+    layers = record["stages"][1]["detail"]["layers"]  # OWL's per-layer targets, reported
+    assert len(layers) == 15 and all("owl_outlier_ratio" in r for r in layers.values() if r["target"])
     assert not (out / ".work").exists()
     # the Hugging Face folder: its zeros are exactly the saved masks
     from safetensors.torch import load_file
