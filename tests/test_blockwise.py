@@ -190,3 +190,15 @@ def test_exported_llama_recovers_with_sink_exclusion(tiny_llama):
     with torch.no_grad():  # the recovered graph is still the model it was: taps and output intact
         out = scap.graph_module(input_ids=ids[:2], **scap.constant_kwargs)
     assert torch.isfinite(out.logits).all()
+
+
+def test_tapped_models_get_their_taps_back():
+    from sparsec.finetune import DistillModel
+    from sparsec.passes.taps import tap_names
+
+    student, teacher = pair(0.7)
+    s, t = DistillModel(student), DistillModel(teacher)
+    recover_blocks(s, t, windows(16), cfg(epochs=1))
+    assert tap_names(student) == tap_names(teacher) == ["blocks.0", "blocks.1", "blocks.2"]
+    logits, hidden = s(windows(2))
+    assert len(hidden) == 3 and logits.shape == (2, 8, VOCAB)

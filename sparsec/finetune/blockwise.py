@@ -54,6 +54,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.finetune.losses import (
+    SQUAREHEAD_NORMALIZATIONS,
     LossInputError,
     check_sinks,
     squarehead_terms,
@@ -107,9 +108,10 @@ class BlockwiseConfig:
         need(0 <= self.final_lr_ratio <= 1, f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         need(0 <= self.weight_decay < math.inf, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         need(self.inputs in INPUT_SOURCES, f"inputs must be {' or '.join(INPUT_SOURCES)}, got {self.inputs!r}")
+        need(self.normalize in SQUAREHEAD_NORMALIZATIONS,
+             f"unknown SquareHead normalization {self.normalize!r}; use {' or '.join(SQUAREHEAD_NORMALIZATIONS)}")
         try:
             check_sinks(self.sinks)
-            squarehead_terms([torch.ones(1, 2, 1)], [torch.ones(1, 2, 1)], normalize=self.normalize)
         except LossInputError as e:
             raise BlockwiseError(str(e)) from None
 
@@ -138,6 +140,8 @@ class BlockRecord:
 
 @dataclass
 class BlockwiseReport:
+    """A run: one record per block in order, the total seconds, and pruned weights that moved (0)."""
+
     records: list[BlockRecord] = field(default_factory=list)
     seconds: float = 0.0
     mask_violations: int = 0
@@ -169,7 +173,7 @@ def _check_data(data: Any, batch_size: int) -> torch.Tensor:
         raise BlockwiseError("data must be a [windows, seq_len] tensor of token ids (torch.long)")
     if data.shape[0] < 1 or data.shape[1] < 2:
         raise BlockwiseError(f"data has shape {tuple(data.shape)}; give at least one window of 2 or more tokens")
-    if data.shape[0] % batch_size and data.shape[0] < batch_size:
+    if data.shape[0] < batch_size:
         raise BlockwiseError(f"batch_size={batch_size} is larger than the {data.shape[0]} windows given")
     return data
 
@@ -252,8 +256,8 @@ def recover_blocks(student: Any, teacher: Any, data: torch.Tensor, config: Block
     finally:
         from sparsec.passes.taps import insert_taps
 
-        for gm, names in retap:
-            insert_taps(gm, ",".join(names) if config.blocks else "")
+        for gm, names in retap:  # the same blocks as before, by their exact names
+            insert_taps(gm, ",".join(names))
 
 
 class _Recovery:
