@@ -76,7 +76,7 @@ class RecipeConfig:
     blockwise_normalize: str = "token"
     blockwise_sinks: str = "none"
     #: global distillation: optimizer steps of ``global_batch`` windows of ``seq_len`` tokens (0: skip)
-    global_steps: int = 32
+    global_steps: int = 80
     global_batch: int = 4
     global_lr: float = 3e-4
     ce: float = 1.0
