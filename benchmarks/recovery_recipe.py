@@ -73,8 +73,8 @@ def run(target: str, args: argparse.Namespace, full: bool) -> dict:
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     uniform = {(r["target"], r["config"]["seed"]): r for r in rows if r["kind"] == "uniform one-shot"}
-    lines = ["| target | seed | global steps | dense | one-shot | + OWL | + block-wise | + global | + int8 | int8 / dense | "
-             "news: dense | news: + int8 | recipe wall min | recipe CPU min |",
+    lines = ["| target | seed | global steps | dense | one-shot | + OWL | + block-wise | + global | + int8 | "
+             "int8 / dense | news: dense | news: + int8 | recipe wall min | recipe CPU min |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["kind"] != "recipe":
@@ -90,7 +90,8 @@ def table(path: Path) -> str:
         oneshot = f"{base['stages'][1]['wiki_ppl']:.2f}" if base else (ppl("one-shot") if owl == "-" else "-")
         train = sum(s["wall_s"] for s in r["stages"] if s["stage"] != "dense")
         cpu = sum(s["cpu_s"] for s in r["stages"] if s["stage"] != "dense")
-        lines.append(f"| {r['target']} | {r['config']['seed']} | {r['config']['global_steps']} | {ppl('dense')} | {oneshot} | {owl} | "
+        lines.append(f"| {r['target']} | {r['config']['seed']} | {r['config']['global_steps']} | {ppl('dense')} | "
+                     f"{oneshot} | {owl} | "
                      f"{ppl('block-wise')} | {ppl('global')} | {final['wiki_ppl']:.2f} | "
                      f"{final['wiki_ppl'] / stage['dense']['wiki_ppl']:.2f}x | {ppl('dense', 'news_ppl')} | "
                      f"{final['news_ppl']:.2f} | {train / 60:.1f} | {cpu / 60:.1f} |")
