@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -256,7 +255,7 @@ def recover(model: str, config: RecipeConfig | None = None, output: str | os.Pat
     from sparsec.data import heldout_windows, other_windows, token_windows
     from sparsec.models import load_spec
     from sparsec.passes import PassContext, Pipeline, run_passes
-    from sparsec.passes.masks import apply_mask, select_layers
+    from sparsec.passes.masks import apply_masks, mask_buffer_name, select_layers
 
     config = config or RecipeConfig()
     config.validate()
@@ -315,15 +314,15 @@ def recover(model: str, config: RecipeConfig | None = None, output: str | os.Pat
     stages = ["one-shot"] + (["block-wise"] if config.blockwise_epochs else []) + (
         ["global"] if config.global_steps else [])
     first_todo = next((s for s in stages if not (work and work.done(s))), None)
-    if work and work.last_weights() is not None and first_todo != "one-shot":
-        saved = work.last_weights()
+    saved = work.last_weights() if work and first_todo != "one-shot" else None
+    if saved is not None:
         masks = {k[: -len(".__mask__")]: v for k, v in saved.items() if k.endswith(".__mask__")}
         student_model.load_state_dict({k: v for k, v in saved.items() if not k.endswith(".__mask__")},
                                       strict=False)
-        by_buffer = {layer.weight.replace(".", "_") + "_mask": layer for layer in select_layers(scap.graph_module)}
-        for name, mask in masks.items():
-            layer = by_buffer[name]
-            apply_mask(scap.graph_module, layer, layer.as_matrix(mask) != 0)
+        by_buffer = {mask_buffer_name(layer): layer for layer in select_layers(scap.graph_module)}
+        apply_masks(scap.graph_module, [(by_buffer[name], by_buffer[name].as_matrix(mask) != 0)
+                                        for name, mask in masks.items()])
+        del saved, masks
     tcap = None
     for stage in stages:
         done = work.done(stage) if work else None
@@ -444,12 +443,6 @@ def _write(out: Path, work: _Work, loaded: Any, student_model: torch.nn.Module, 
     for name in ("model", "artifact"):
         os.replace(final / name, out / name)
     tmp = out / ".recipe.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=_plain))
+    tmp.write_text(json.dumps(record, indent=1, default=str))  # tuples and paths as text
     os.replace(tmp, out / "recipe.json")
     shutil.rmtree(out / ".work", ignore_errors=True)
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return str(x)
